@@ -1,0 +1,1 @@
+"""fedward's control plane: Prefect flows an MLOps engineer runs."""

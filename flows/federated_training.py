@@ -1,0 +1,324 @@
+"""The ``federated-training`` flow: the runbook for one federation, step by step.
+
+validate spec -> check each site's data -> build workspace, plan and PKI -> run the rounds
+(aggregator + one collaborator per site, supervised) -> train local-only baselines at each
+site -> evaluate every model at every site -> log, compare, register.
+
+The flow holds no FL maths and no OpenFL calls: those live in ``sitekit``.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false")
+
+import mlflow  # noqa: E402
+from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+
+from flows import tracking  # noqa: E402
+from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
+from sitekit import pki  # noqa: E402
+from sitekit.data import DataError, SiteSummary, inspect_site  # noqa: E402
+from sitekit.engine import openfl_adapter as engine  # noqa: E402
+from sitekit.spec import FederationSpec, SpecError, load_spec  # noqa: E402
+
+ADAPTER = [ "-m", "sitekit.engine.openfl_adapter"]
+SITEKIT = ["-m", "sitekit.cli"]
+
+
+class PortInUse(ValueError):
+    pass
+
+
+# --------------------------------------------------------------------------- steps
+
+@task(name="validate-spec", cache_policy=NO_CACHE)
+def validate_spec(spec_path: str) -> FederationSpec:
+    return load_spec(spec_path)
+
+
+@task(name="check-site-data", cache_policy=NO_CACHE)
+def check_site_data(spec: FederationSpec) -> dict[str, SiteSummary]:
+    """Every case readable and consistent at every site (in deployment: each site's preflight)."""
+    summaries = {}
+    for site in spec.sites:
+        summaries[site.name] = inspect_site(site.name, site.data)
+        s = summaries[site.name]
+        print(f"site {site.name}: {s.train_cases} training / {s.test_cases} test cases, brain fraction {s.foreground_fraction:.3f}")
+    return summaries
+
+
+@task(name="check-aggregator-port", cache_policy=NO_CACHE)
+def check_port_free(spec: FederationSpec) -> None:
+    port = spec.aggregator.port
+    for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET, "0.0.0.0")):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr, port))
+            except OSError:
+                raise PortInUse(f"{spec.path}: field 'aggregator.port' is {port}, which is already in use on this "
+                                "machine; stop what holds it or choose a free port.") from None
+
+
+@task(name="build-workspace-plan-and-pki", cache_policy=NO_CACHE)
+def build_workspace(spec: FederationSpec, workdir: Path) -> Path:
+    """One plan for everyone, a federation CA, and a certificate per participant from its own CSR.
+
+    Built in a temporary folder and renamed into place, so a failure leaves nothing half-written.
+    """
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    final = workdir / f"{spec.name}-{stamp}"
+    tmp = workdir / f".{spec.name}-{stamp}.partial"
+    tmp.mkdir(parents=True)
+    try:
+        ca_cert = pki.create_ca(tmp / "ca", spec.name)
+        participants = [("aggregator", spec.aggregator.host, tmp / "aggregator")]
+        participants += [("site", s.name, tmp / "sites" / s.name) for s in spec.sites]
+        for role, name, folder in participants:
+            engine.write_plan(spec, folder, site=name if role == "site" else None)
+            paths = engine.participant_layout(folder, role, name)
+            # The key is generated inside the participant's folder; only the CSR is read from it.
+            pki.make_key_and_request(paths["key"], paths["csr"], name, dns_name=name if role == "aggregator" else None)
+            pki.sign_request(tmp / "ca", paths["csr"].read_bytes(), name, role, paths["cert"])
+            shutil.copyfile(ca_cert, paths["chain"])
+        engine.initialize_model(spec, tmp / "aggregator")
+        shutil.copyfile(spec.path, tmp / "federation.yaml")
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+@task(name="run-federated-rounds", cache_policy=NO_CACHE)
+def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
+    """Start the aggregator and every site; follow the rounds; stop everything, whatever happens."""
+    agg_dir = workspace / "aggregator"
+    history: list[dict] = []
+    timing: dict = {}
+    threads = os.environ.get("FEDWARD_TORCH_THREADS", "1")
+    with Supervisor() as sup:
+        agg = sup.start("aggregator", "aggregator", [*ADAPTER, "aggregator"], agg_dir)
+        tail = EventTail(agg_dir / engine.EVENTS)
+        deadline = time.monotonic() + spec.timeouts.startup_seconds
+        while not any(e["event"] == "listening" for e in tail.read()):
+            if agg.poll() is not None:
+                raise FederationFailed("aggregator", f"did not start: {agg.failure_reason()}")
+            if time.monotonic() > deadline:
+                raise FederationFailed("aggregator", f"did not listen within {spec.timeouts.startup_seconds:.0f} s")
+            time.sleep(0.1)
+        timing["aggregator_listening_s"] = time.perf_counter() - t0
+        sites = {s.name: sup.start(s.name, "site", [*ADAPTER, "collaborator", "--name", s.name],
+                                   workspace / "sites" / s.name, env={"FEDWARD_TORCH_THREADS": threads})
+                 for s in spec.sites}
+        round_no, finished = 0, False
+        delivered: set[str] = set()
+        last_progress = time.monotonic()
+        round_started = time.perf_counter()
+        while True:
+            for ev in tail.read():
+                last_progress = time.monotonic()
+                if ev["event"] == "result":
+                    if ev["task"] == "train":
+                        delivered.add(ev["site"])
+                    if "first_result_s" not in timing:
+                        timing["first_result_s"] = time.perf_counter() - t0
+                elif ev["event"] == "round_end":
+                    wall = time.perf_counter() - round_started
+                    round_started = time.perf_counter()
+                    entry = {"round": ev["round"], "wall_seconds": wall, "federation": ev["federation"], "sites": ev["sites"]}
+                    history.append(entry)
+                    tracking.log_round(ev["round"], ev["federation"], ev["sites"])
+                    _print_round(spec, entry)
+                    round_no, delivered = ev["round"] + 1, set()
+                elif ev["event"] == "finished":
+                    finished = True
+                elif ev["event"] == "failed":
+                    raise FederationFailed("aggregator", ev.get("reason", "failed"))
+            if finished and agg.poll() is not None:
+                break
+            for name, p in [("aggregator", agg), *sites.items()]:
+                rc = p.poll()
+                if rc is None or (finished and rc == 0):
+                    continue
+                who = "aggregator" if name == "aggregator" else f"site '{name}'"
+                if rc == 0:
+                    raise FederationFailed(who, f"left the federation in round {round_no + 1} before it finished")
+                raise FederationFailed(who, f"failed in round {round_no + 1}: {p.failure_reason()}")
+            limit = spec.timeouts.startup_seconds if not history and not delivered else spec.timeouts.round_seconds
+            if time.monotonic() - last_progress > limit:
+                waiting = [s for s in spec.site_names if s not in delivered] or spec.site_names
+                names = ", ".join(f"'{s}'" for s in waiting)
+                raise FederationFailed(f"site {names}", f"sent no update for round {round_no + 1} within {limit:.0f} s (stuck or unreachable)")
+            time.sleep(0.1)
+        # Sites leave once told to quit; give them a bounded moment, then the Supervisor stops them.
+        end = time.monotonic() + 15
+        while any(p.poll() is None for p in sites.values()) and time.monotonic() < end:
+            time.sleep(0.1)
+    return {"history": history, "timing": timing}
+
+
+def _print_round(spec: FederationSpec, entry: dict) -> None:
+    fed, sites = entry["federation"], entry["sites"]
+    dice = fed.get("aggregated_model_validation/dice")
+    loss = fed.get("train/train_loss")
+    per_site = "  ".join(f"{s} {v.get('aggregated_model_validation/dice', float('nan')):.3f}" for s, v in sorted(sites.items()))
+    print(f"round {entry['round'] + 1}/{spec.rounds}: global-model Dice entering the round {dice:.3f} [{per_site}]"
+          f"  mean train loss {loss:.3f}  ({entry['wall_seconds']:.1f} s)", flush=True)
+
+
+@task(name="train-local-only-baselines", cache_policy=NO_CACHE)
+def train_local_baselines(spec: FederationSpec, workspace: Path) -> dict[str, Path]:
+    """Each site trains on its own data alone with the federated run's budget (same total steps)."""
+    with Supervisor() as sup:
+        jobs = [sup.start(s.name, "site-job", [*SITEKIT, "train-local", "--workspace", "."], workspace / "sites" / s.name,
+                          env={"FEDWARD_TORCH_THREADS": os.environ.get("FEDWARD_TORCH_THREADS", "1")})
+                for s in spec.sites]
+        sup.wait_all(jobs, timeout=spec.timeouts.round_seconds * spec.rounds, what="local-only training")
+    return {s.name: workspace / "sites" / s.name / "local" / "model.pt" for s in spec.sites}
+
+
+@task(name="evaluate-at-every-site", cache_policy=NO_CACHE)
+def evaluate_models(spec: FederationSpec, workspace: Path, models: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Every model scored on every site's held-out test cases, at the site; returns {site: {model: dice}}."""
+    with Supervisor() as sup:
+        jobs = []
+        for s in spec.sites:
+            folder = workspace / "sites" / s.name
+            (folder / "models").mkdir(exist_ok=True)
+            args = [*SITEKIT, "evaluate", "--workspace", ".", "--out", "evaluation.json"]
+            for name, path in models.items():
+                dst = folder / "models" / f"{name}.pt"
+                if path.resolve() != dst.resolve():
+                    shutil.copyfile(path, dst)
+                args += ["--model", f"{name}=models/{name}.pt"]
+            jobs.append(sup.start(s.name, "site-job", args, folder, env={"FEDWARD_TORCH_THREADS": "1"}))
+        sup.wait_all(jobs, timeout=spec.timeouts.round_seconds, what="evaluation")
+    return {s.name: json.loads((workspace / "sites" / s.name / "evaluation.json").read_text())["dice"] for s in spec.sites}
+
+
+def comparison_table(spec: FederationSpec, scores: dict[str, dict[str, float]]) -> dict[str, dict]:
+    table = {}
+    for site in spec.site_names:
+        s = scores[site]
+        locals_ = {k[len("local-"):]: v for k, v in s.items() if k.startswith("local-")}
+        best_model = max(locals_, key=locals_.get)
+        table[site] = {
+            "local": s[f"local-{site}"], "global": s["global"],
+            "best_single_site": locals_[best_model], "best_single_site_model": best_model,
+            "global_beats_best_single_site": bool(s["global"] >= locals_[best_model]),
+        }
+    return table
+
+
+def _print_table(table: dict[str, dict]) -> None:
+    print("\nsite          local-only Dice   global Dice   best single-site (model)     global >= best single site?")
+    for site, r in table.items():
+        print(f"{site:<13} {r['local']:>15.4f} {r['global']:>13.4f}   {r['best_single_site']:.4f} ({r['best_single_site_model']:<12}) "
+              f"  {'yes' if r['global_beats_best_single_site'] else 'NO'}")
+    print()
+
+
+@task(name="register-global-model", cache_policy=NO_CACHE)
+def register_global_model(spec: FederationSpec, state_dict_path: Path) -> dict:
+    import monai
+    import torch
+
+    from sitekit.model import build_model
+
+    model = build_model(spec.task)
+    model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    model.eval()
+    example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name="global-model", registered_model_name=spec.name, input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", "nibabel"],
+    )
+    return {"name": spec.name, "version": str(info.registered_model_version), "model_uri": info.model_uri}
+
+
+# --------------------------------------------------------------------------- the flow
+
+@flow(name="federated-training", log_prints=True)
+def federated_training(spec_path: str, summary_path: str | None = None, workdir: str | None = None) -> dict:
+    """Train one federation end to end; return (and optionally write) the per-site summary."""
+    t0 = time.perf_counter()
+    spec = validate_spec(spec_path)
+    summaries = check_site_data(spec)
+    check_port_free(spec)
+    work = Path(workdir) if workdir else tracking.fedward_home() / "runs"
+    tracking.configure(f"fedward/{spec.name}")
+    workspace = build_workspace(spec, work)
+    print(f"workspace {workspace}: plan hash {engine.plan_hash(workspace / 'aggregator')[:16]}..., "
+          f"{len(spec.sites)} site certificates signed by the federation CA")
+    with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}") as run:
+        mlflow.set_tags({"fedward.federation": spec.name, "fedward.engine": engine.ENGINE,
+                         "fedward.workspace": str(workspace), "fedward.algorithm": spec.algorithm})
+        mlflow.log_params({
+            "federation": spec.name, "algorithm": spec.algorithm, "rounds": spec.rounds,
+            "local_epochs": spec.local_epochs, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
+            "sites": ",".join(spec.site_names), "n_sites": len(spec.sites), "tls": spec.tls, "seed": spec.seed,
+            "model": spec.task.model.name, "channels": ",".join(map(str, spec.task.model.channels)),
+            "input_size": "x".join(map(str, spec.task.input_size)), "loss": spec.task.loss,
+            "plan_hash": engine.plan_hash(workspace / "aggregator"),
+            **{f"train_cases.{n}": s.train_cases for n, s in summaries.items()},
+            **{f"test_cases.{n}": s.test_cases for n, s in summaries.items()},
+        })
+        mlflow.log_artifact(str(spec.path), "federation")
+        mlflow.log_artifact(str(workspace / "aggregator" / engine.PLAN), "openfl-plan")
+        mlflow.log_artifact(str(workspace / "aggregator" / engine.COLS), "openfl-plan")
+        print(f"MLflow run {run.info.run_id} at {mlflow.get_tracking_uri()}")
+
+        result = run_rounds(spec, workspace, t0)
+        state, last_round = engine.read_global_model(workspace / "aggregator")
+        if last_round != spec.rounds:
+            raise FederationFailed("aggregator", f"final model is from round {last_round}, expected {spec.rounds}")
+        import torch
+
+        global_path = workspace / "models" / "global.pt"
+        global_path.parent.mkdir(exist_ok=True)
+        torch.save(state, global_path)
+        print("federation finished; training local-only baselines with the same budget ...")
+        local_paths = train_local_baselines(spec, workspace)
+        scores = evaluate_models(spec, workspace, {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}})
+        table = comparison_table(spec, scores)
+        _print_table(table)
+        for site, r in table.items():
+            mlflow.log_metrics({f"final/{site}/global_dice": r["global"], f"final/{site}/local_only_dice": r["local"],
+                                f"final/{site}/best_single_site_dice": r["best_single_site"]})
+        mlflow.log_dict({"scores": scores, "table": table}, "comparison/scores.json")
+        mlflow.log_text(tracking.comparison_csv(table), "comparison/sites.csv")
+        mlflow.log_figure(tracking.comparison_figure(table), "comparison/sites.png")
+        if result["history"]:
+            mlflow.log_figure(tracking.curves_figure(result["history"]), "curves/learning_curves.png")
+        mlflow.log_dict(result, "curves/rounds.json")
+        registered = register_global_model(spec, global_path)
+        wall = time.perf_counter() - t0
+        mlflow.log_metric("wall_seconds", wall)
+        summary = {
+            "metric": "dice", "sites": table, "rounds": spec.rounds, "wall_seconds": round(wall, 1),
+            "mlflow_run_id": run.info.run_id, "registered_model": {"name": registered["name"], "version": registered["version"]},
+            "timing": result["timing"], "round_history": result["history"], "workspace": str(workspace),
+        }
+        mlflow.log_dict(summary, "summary.json")
+    if summary_path:
+        out = Path(summary_path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(summary, indent=2))
+        os.replace(tmp, out)
+    print(f"registered model '{registered['name']}' version {registered['version']}; {wall:.0f} s in all")
+    return summary
+
+
+USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError)

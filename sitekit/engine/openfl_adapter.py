@@ -1,0 +1,481 @@
+"""The one place fedward talks to OpenFL (1.9).
+
+Upstream OpenFL is no longer developed, so every OpenFL import, class and file convention
+lives in this module; the rest of fedward speaks of federations, sites, rounds and plans.
+A second engine would be a sibling module offering the same functions:
+
+- :func:`plan_config` / :func:`write_plan`: the OpenFL plan for a federation spec (byte-identical
+  at every participant; per-site settings go in ``plan/data.yaml``).
+- :func:`participant_layout`: where OpenFL expects certificates and keys in a participant folder.
+- :func:`initialize_model`: the initial model file (what ``fx plan initialize`` does).
+- :func:`run_aggregator` / :func:`run_collaborator`: process entry points
+  (``python -m sitekit.engine.openfl_adapter aggregator|collaborator``).
+- :func:`read_global_model`: the last aggregated model as a PyTorch state dict.
+
+OpenFL 1.9 behaviours handled here (see ENVIRONMENT.md):
+- an idle collaborator is told to sleep 10 s: :class:`FedwardAggregator` instead holds the
+  GetTasks call open (bounded) until the round advances, so no round waits on a poll;
+- the aggregator's own serve loop checks for completion every 5 s and listens on all
+  interfaces: we run our own loop and bind only the address we are given;
+- collaborators retry failed RPCs forever: before joining, a site makes one bounded,
+  authenticated Ping and exits with a reason if the aggregator refuses it;
+- callbacks are not read from the plan and an exception inside one hangs the federation:
+  ours are injected in Python and never raise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from sitekit.data import DataError, SiteVolumes
+from sitekit.model import build_loss, build_model, dice_score
+from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
+from sitekit.training import make_loader, make_optimizer, train_epoch
+
+# OpenFL imports are deliberately confined to this module.
+from openfl.callbacks import Callback
+from openfl.component.aggregator.aggregator import Aggregator
+from openfl.federated.data.loader import DataLoader
+from openfl.federated.plan import Plan
+from openfl.federated.task.runner_pt import PyTorchTaskRunner
+from openfl.pipelines import NoCompressionPipeline
+from openfl.protocols import aggregator_pb2, aggregator_pb2_grpc, utils as proto_utils
+from openfl.transport.grpc.common import create_grpc_server, create_header, create_tls_channel
+from openfl.utilities import Metric, TensorKey
+
+log = logging.getLogger("fedward.engine")
+
+ENGINE = "openfl-1.9"
+PLAN = Path("plan/plan.yaml")
+COLS = Path("plan/cols.yaml")
+DATA = Path("plan/data.yaml")
+INIT_MODEL = Path("save/init.pbuf")
+LAST_MODEL = Path("save/last.pbuf")  # OpenFL's: the model *entering* the last round
+FINAL_MODEL = Path("save/final.pbuf")  # ours: the aggregate of the last round's updates
+EVENTS = Path("events.jsonl")
+STATUS = Path("status.json")
+MODEL_PREFIX = "model."  # the task runner holds the network as ``self.model``
+
+# Exit codes a participant uses so the supervisor can say what happened.
+EXIT_DATA = 3
+EXIT_REFUSED = 4
+EXIT_UNREACHABLE = 5
+EXIT_CRASH = 6
+
+
+# --------------------------------------------------------------------------- plan & layout
+
+def task_to_dict(task: TaskSpec) -> dict:
+    return {
+        "model": {"name": task.model.name, "channels": list(task.model.channels),
+                  "strides": list(task.model.strides), "res_units": task.model.res_units},
+        "loss": task.loss, "metric": task.metric, "input_size": list(task.input_size),
+        "normalize": task.normalize, "label": task.label,
+    }
+
+
+def task_from_dict(d: dict) -> TaskSpec:
+    m = d["model"]
+    return TaskSpec(
+        model=ModelSpec(m["name"], tuple(m["channels"]), tuple(m["strides"]), m["res_units"]),
+        loss=d["loss"], metric=d["metric"], input_size=tuple(d["input_size"]),
+        normalize=d["normalize"], label=d["label"],
+    )
+
+
+def plan_config(spec: FederationSpec) -> dict:
+    """The OpenFL plan for a federation. Nothing site-specific may appear here."""
+    tls = bool(spec.tls)
+    return {
+        "aggregator": {
+            "template": "sitekit.engine.openfl_adapter.FedwardAggregator",
+            "settings": {
+                "init_state_path": str(INIT_MODEL), "best_state_path": "save/best.pbuf",
+                "last_state_path": str(LAST_MODEL), "rounds_to_train": spec.rounds,
+                "db_store_rounds": 2, "persist_checkpoint": True,
+                "persistent_db_path": "local_state/tensor.db", "use_delta_updates": False,
+                "events_path": str(EVENTS),
+            },
+        },
+        "collaborator": {
+            "template": "openfl.component.Collaborator",
+            "settings": {"opt_treatment": "RESET", "use_delta_updates": False, "db_store_rounds": 1},
+        },
+        "data_loader": {
+            "template": "sitekit.engine.openfl_adapter.SiteDataLoader",
+            "settings": {"batch_size": spec.batch_size, "input_size": list(spec.task.input_size), "seed": spec.seed},
+        },
+        "task_runner": {
+            "template": "sitekit.engine.openfl_adapter.SegmentationTaskRunner",
+            "settings": {"task": task_to_dict(spec.task), "learning_rate": spec.learning_rate, "seed": spec.seed},
+        },
+        "network": {
+            "template": "openfl.federation.Network",
+            "settings": {
+                "agg_addr": spec.aggregator.host, "agg_port": spec.aggregator.port, "use_tls": tls,
+                "require_client_auth": tls, "client_reconnect_interval": 1, "cert_folder": "cert",
+                "enable_atomic_connections": False, "transport_protocol": "grpc",
+            },
+        },
+        "assigner": {
+            "template": "openfl.component.RandomGroupedAssigner",
+            "settings": {"task_groups": [{"name": "learning", "percentage": 1.0, "tasks": [
+                "aggregated_model_validation", "train", "locally_tuned_model_validation"]}]},
+        },
+        "tasks": {
+            "aggregated_model_validation": {"function": "validate_task", "kwargs": {"apply": "global", "metrics": ["dice"]}},
+            "locally_tuned_model_validation": {"function": "validate_task", "kwargs": {"apply": "local", "metrics": ["dice"]}},
+            "train": {"function": "train_task", "kwargs": {"metrics": ["loss"], "epochs": spec.local_epochs}},
+        },
+        "compression_pipeline": {"template": "openfl.pipelines.NoCompressionPipeline", "settings": {}},
+    }
+
+
+def plan_text(spec: FederationSpec) -> str:
+    return yaml.safe_dump(plan_config(spec), sort_keys=True, default_flow_style=False)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_plan(spec: FederationSpec, folder: Path, site: str | None = None) -> Path:
+    """Write the plan, the authorised-site list and (for a site) its data setting into ``folder``."""
+    _atomic_write(folder / PLAN, plan_text(spec))
+    _atomic_write(folder / COLS, yaml.safe_dump({"collaborators": spec.site_names}))
+    if site is not None:
+        _atomic_write(folder / DATA, f"{site},{spec.site(site).data}\n")
+    return folder / PLAN
+
+
+def participant_layout(folder: Path, role: str, name: str) -> dict[str, Path]:
+    """Key, CSR, certificate and CA-chain paths where OpenFL looks for them in a participant folder."""
+    if role == "site":
+        base = folder / "cert" / "client" / f"col_{name}"
+    elif role == "aggregator":
+        base = folder / "cert" / "server" / f"agg_{name.lower()}"
+    else:
+        raise ValueError(role)
+    return {"key": base.with_suffix(".key"), "csr": base.with_suffix(".csr"),
+            "cert": base.with_suffix(".crt"), "chain": folder / "cert" / "cert_chain.crt"}
+
+
+def initialize_model(spec: FederationSpec, folder: Path) -> Path:
+    """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
+    runner = SegmentationTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate,
+                                    seed=spec.seed, data_loader=SiteDataLoader(data_path=None,
+                                    input_size=list(spec.task.input_size)))
+    tensors = runner.get_tensor_dict(with_opt_vars=False)
+    proto = proto_utils.construct_model_proto(tensors, 0, NoCompressionPipeline())
+    (folder / INIT_MODEL).parent.mkdir(parents=True, exist_ok=True)
+    proto_utils.dump_proto(proto, str(folder / INIT_MODEL))
+    return folder / INIT_MODEL
+
+
+def read_global_model(aggregator_folder: Path) -> tuple[dict[str, torch.Tensor], int]:
+    """The final aggregated model as a state dict for :func:`sitekit.model.build_model`, and its round."""
+    proto = proto_utils.load_proto(str(aggregator_folder / FINAL_MODEL))
+    tensors, round_number = proto_utils.deconstruct_model_proto(proto, NoCompressionPipeline())
+    state = {k[len(MODEL_PREFIX):]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
+    return state, int(round_number)
+
+
+def site_settings(folder: Path) -> dict:
+    """What a site needs from its workspace outside a round: task, optimiser settings, its data folder."""
+    plan = yaml.safe_load((folder / PLAN).read_text())
+    runner = plan["task_runner"]["settings"]
+    loader = plan["data_loader"]["settings"]
+    name, data = (folder / DATA).read_text().strip().split(",", 1)
+    return {
+        "site": name, "data": Path(data), "task": task_from_dict(runner["task"]),
+        "learning_rate": float(runner["learning_rate"]), "seed": int(runner["seed"]),
+        "batch_size": int(loader["batch_size"]), "input_size": tuple(loader["input_size"]),
+        "epochs_per_round": int(plan["tasks"]["train"]["kwargs"]["epochs"]),
+        "rounds": int(plan["aggregator"]["settings"]["rounds_to_train"]),
+    }
+
+
+def plan_hash(folder: Path) -> str:
+    """OpenFL's hash of a participant's plan (the federation id is derived from it)."""
+    plan = Plan.parse(folder / PLAN, folder / COLS, resolve=False)
+    return plan.hash
+
+
+# --------------------------------------------------------------------------- site side
+
+class SiteDataLoader(DataLoader):
+    """Serves one site's preprocessed volumes to OpenFL; reads only the folder in data.yaml."""
+
+    def __init__(self, data_path=None, batch_size=2, input_size=(64, 64, 64), seed=0, **kwargs):
+        super().__init__(**kwargs)
+        self.batch_size = batch_size
+        self.input_size = tuple(input_size)
+        self.seed = seed
+        self._epochs = 0
+        self.train_set = self.test_set = None
+        if data_path is None:  # building the model only
+            return
+        site = os.environ.get("FEDWARD_SITE", Path(data_path).name)
+        self.train_set = SiteVolumes(site, Path(data_path), "train", self.input_size)
+        self.test_set = SiteVolumes(site, Path(data_path), "test", self.input_size)
+
+    def get_feature_shape(self):
+        return [1, *self.input_size]
+
+    def get_train_loader(self, **kwargs):
+        self._epochs += 1
+        return make_loader(self.train_set, self.batch_size, shuffle=True, seed=self.seed * 100003 + self._epochs)
+
+    def get_valid_loader(self, **kwargs):
+        return make_loader(self.test_set, self.batch_size, shuffle=False)
+
+    def get_train_data_size(self):
+        return len(self.train_set)
+
+    def get_valid_data_size(self):
+        return len(self.test_set)
+
+
+class SegmentationTaskRunner(PyTorchTaskRunner):
+    """OpenFL's view of a site's training: delegates to :mod:`sitekit.training`."""
+
+    def __init__(self, task: dict, learning_rate: float, seed: int = 0, **kwargs):
+        super().__init__(device="cpu", **kwargs)
+        self.task_spec = task_from_dict(task)
+        self.model = build_model(self.task_spec, seed=seed)
+        self.loss_fn = build_loss(self.task_spec)
+        self.learning_rate = learning_rate
+        self.optimizer = make_optimizer(self.model, learning_rate)
+        self._train_seconds = 0.0
+
+    def forward(self, x):
+        return self.model(x)
+
+    def reset_opt_vars(self):
+        self.optimizer = make_optimizer(self.model, self.learning_rate)
+
+    def train_(self, train_dataloader) -> Metric:
+        result = train_epoch(self.model, train_dataloader, self.optimizer, self.loss_fn)
+        self._train_seconds += result.seconds
+        return Metric(name="train_loss", value=np.array(result.loss))
+
+    def train_task(self, col_name, round_num, input_tensor_dict, **kwargs):
+        self._train_seconds = 0.0
+        global_out, local_out = super().train_task(col_name, round_num, input_tensor_dict, **kwargs)
+        # Reported alongside the loss so the control plane can split round time into training vs overhead.
+        global_out[TensorKey("train_seconds", col_name, round_num, True, ("metric",))] = np.array(self._train_seconds)
+        return global_out, local_out
+
+    def validate_(self, validation_dataloader) -> Metric:
+        self.model.eval()
+        scores = []
+        with torch.no_grad():
+            for image, mask in validation_dataloader:
+                scores.append(dice_score(self.model(image), mask))
+        return Metric(name="dice", value=np.array(float(torch.cat(scores).mean())))
+
+
+# --------------------------------------------------------------------------- aggregator side
+
+class EventLog:
+    """Append-only JSON lines the control plane tails for progress (never raises)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lock = threading.Lock()
+
+    def emit(self, event: str, **fields) -> None:
+        try:
+            line = json.dumps({"event": event, "time": time.time(), **fields}, default=float)
+            with self.lock, open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+        except Exception:  # an exception here would hang the federation
+            log.exception("could not write event %s", event)
+
+
+class _RoundEvents(Callback):
+    def __init__(self, agg: "FedwardAggregator"):
+        super().__init__()
+        self.agg = agg
+
+    def on_round_end(self, round_num, logs=None):
+        try:
+            sites: dict[str, dict[str, float]] = {}
+            federation: dict[str, float] = {}
+            while not self.agg.metric_queue.empty():
+                m = self.agg.metric_queue.get_nowait()
+                name = f"{m['task_name']}/{m['metric_name']}"
+                if m["metric_origin"] == "aggregator":
+                    federation[name] = m["metric_value"]
+                else:
+                    sites.setdefault(m["metric_origin"], {})[name] = m["metric_value"]
+            self.agg.events.emit("round_end", round=int(round_num), federation=federation, sites=sites)
+        except Exception:
+            log.exception("round-end bookkeeping failed")
+
+    def on_experiment_end(self, logs=None):
+        try:
+            # OpenFL's last.pbuf holds the model that entered the last round; the aggregate of the
+            # last round's updates sits in the tensor db as next round's model until clean-up.
+            if self.agg.round_number >= self.agg.rounds_to_train:
+                self.agg._save_model(self.agg.round_number, str(FINAL_MODEL))
+                self.agg.events.emit("finished", rounds=int(self.agg.rounds_to_train), model=str(FINAL_MODEL))
+            else:
+                self.agg.events.emit("stopped_early", round=int(self.agg.round_number))
+        except Exception:
+            log.exception("could not save the final model")
+            self.agg.events.emit("failed", reason="could not save the final model")
+
+
+class FedwardAggregator(Aggregator):
+    """OpenFL's aggregator plus progress events and round-boundary long-polling."""
+
+    def __init__(self, events_path: str = str(EVENTS), long_poll_seconds: float = 2.0, **kwargs):
+        self.events = EventLog(Path(events_path))
+        self.long_poll_seconds = long_poll_seconds
+        self._progress = threading.Condition()
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _RoundEvents(self)]
+        super().__init__(**kwargs)
+        self.events.emit("started", round=int(self.round_number), rounds=int(self.rounds_to_train))
+
+    def get_tasks(self, collaborator_name):
+        # Instead of telling an idle site to sleep 10 s, wait (bounded) for the round to move on.
+        deadline = time.monotonic() + self.long_poll_seconds
+        while True:
+            tasks, rnd, sleep_time, quit_ = super().get_tasks(collaborator_name)
+            left = deadline - time.monotonic()
+            if tasks or quit_ or left <= 0:
+                return tasks, rnd, (min(sleep_time, 1) if not tasks and not quit_ else sleep_time), quit_
+            with self._progress:
+                self._progress.wait(timeout=left)
+
+    def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
+        nbytes = sum(len(t.data_bytes) for t in named_tensors)
+        super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
+        self.events.emit("result", site=collaborator_name, round=int(round_number), task=task_name, bytes=int(nbytes))
+        with self._progress:
+            self._progress.notify_all()
+
+
+# --------------------------------------------------------------------------- processes
+
+def _status(code: int, reason: str, **extra) -> int:
+    _atomic_write(STATUS, json.dumps({"exit": code, "reason": reason, **extra}))
+    print(f"fedward: {reason}", file=sys.stderr, flush=True)
+    return code
+
+
+def run_aggregator(bind: str = "127.0.0.1") -> int:
+    """Serve the federation from the current folder until every site has been told to quit."""
+    Path("local_state").mkdir(exist_ok=True)
+    Path("save").mkdir(exist_ok=True)
+    plan = Plan.parse(PLAN, COLS)
+    server = plan.get_server()  # builds FedwardAggregator from the plan
+    agg = server.aggregator
+    port = plan.config["network"]["settings"]["agg_port"]
+    grpc_server = create_grpc_server(f"{bind}:{port}", server.use_tls, server.private_key, server.certificate,
+                                     server.root_certificate, server.require_client_auth)
+    aggregator_pb2_grpc.add_AggregatorServicer_to_server(server, grpc_server)
+    grpc_server.start()
+    agg.events.emit("listening", address=f"{bind}:{port}")
+    while not agg.all_quit_jobs_sent():
+        time.sleep(0.1)
+    grpc_server.stop(grace=2).wait()
+    agg.events.emit("stopped")
+    return 0
+
+
+def _check_admission(plan: Plan, name: str, timeout: float) -> None:
+    """One authenticated Ping, retried only while the aggregator is unreachable (bounded)."""
+    import grpc
+
+    net = plan.config["network"]["settings"]
+    uri = f"{net['agg_addr']}:{net['agg_port']}"
+    paths = participant_layout(Path("."), "site", name)
+    if net.get("use_tls", True):
+        channel = create_tls_channel(uri, str(paths["chain"]), net.get("require_client_auth", True),
+                                     str(paths["cert"]), str(paths["key"]))
+    else:
+        channel = grpc.insecure_channel(uri)
+    stub = aggregator_pb2_grpc.AggregatorStub(channel)
+    header = create_header(sender=name, receiver=plan.aggregator_uuid, federation_uuid=plan.federation_uuid,
+                           single_col_cert_common_name="")
+    deadline = time.monotonic() + timeout
+    last = None
+    try:
+        while time.monotonic() < deadline:
+            try:
+                stub.Ping(aggregator_pb2.PingRequest(header=header), timeout=max(1.0, min(10.0, deadline - time.monotonic())))
+                return
+            except grpc.RpcError as exc:
+                last = exc
+                details = (exc.details() or "").lower()
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise PermissionError(f"the aggregator refused site '{name}': {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.UNKNOWN and "not authorized" in details:
+                    raise PermissionError(f"the aggregator refused site '{name}': {exc.details()}") from None
+                if any(w in details for w in ("handshake", "ssl", "certificate", "tls")):
+                    raise PermissionError(f"TLS handshake between site '{name}' and the aggregator at {uri} failed "
+                                          f"(certificate not trusted by the federation CA?): {exc.details()}") from None
+                time.sleep(0.5)
+    finally:
+        channel.close()
+    detail = last.details() if last is not None else "no answer"
+    raise ConnectionError(f"site '{name}' could not reach the aggregator at {uri} within {timeout:.0f} s: {detail}")
+
+
+def run_collaborator(name: str, admission_timeout: float = 30.0) -> int:
+    """Join the federation as site ``name`` from the current folder (the site's workspace)."""
+    os.environ["FEDWARD_SITE"] = name
+    plan = Plan.parse(PLAN, COLS, DATA)
+    try:
+        _check_admission(plan, name, admission_timeout)
+    except PermissionError as exc:
+        return _status(EXIT_REFUSED, str(exc))
+    except ConnectionError as exc:
+        return _status(EXIT_UNREACHABLE, str(exc))
+    try:
+        collaborator = plan.get_collaborator(name)  # loads the site's data
+    except DataError as exc:
+        return _status(EXIT_DATA, str(exc))
+    collaborator.run()
+    _atomic_write(STATUS, json.dumps({"exit": 0, "reason": "finished"}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m sitekit.engine.openfl_adapter")
+    sub = ap.add_subparsers(dest="role", required=True)
+    a = sub.add_parser("aggregator")
+    a.add_argument("--bind", default="127.0.0.1")
+    c = sub.add_parser("collaborator")
+    c.add_argument("--name", required=True)
+    c.add_argument("--admission-timeout", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("FEDWARD_TORCH_THREADS", "1")))
+    logging.basicConfig(level=os.environ.get("FEDWARD_LOG_LEVEL", "INFO"))
+    try:
+        if args.role == "aggregator":
+            return run_aggregator(args.bind)
+        return run_collaborator(args.name, args.admission_timeout)
+    except Exception as exc:  # say what broke, in one line, where the supervisor looks
+        log.exception("participant crashed")
+        return _status(EXIT_CRASH, f"{type(exc).__name__}: {exc}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

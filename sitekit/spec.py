@@ -1,0 +1,281 @@
+"""The federation spec: one YAML file that says who trains what, where, and how.
+
+Every field is validated before anything starts. A wrong or missing field raises
+:class:`SpecError` with one sentence naming the file and the field.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ALGORITHMS = ("fedavg",)
+LOSSES = ("dice", "dice_ce")
+METRICS = ("dice",)
+MODELS = ("unet3d",)
+NORMALISATIONS = ("zscore",)
+LABELS = ("foreground",)  # brain mask = label > 0
+SITE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
+FEDERATION_NAME = SITE_NAME
+
+
+class SpecError(ValueError):
+    """A federation spec is wrong; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = "unet3d"
+    channels: tuple[int, ...] = (8, 16, 32, 64)
+    strides: tuple[int, ...] = (2, 2, 2)
+    res_units: int = 1
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    model: ModelSpec
+    loss: str = "dice_ce"
+    metric: str = "dice"
+    input_size: tuple[int, int, int] = (64, 64, 64)
+    normalize: str = "zscore"
+    label: str = "foreground"
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    name: str
+    data: Path  # absolute
+
+
+@dataclass(frozen=True)
+class AggregatorSpec:
+    host: str = "localhost"
+    port: int = 50051
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    startup_seconds: float = 180.0  # until every participant has joined
+    round_seconds: float = 900.0  # without any progress inside a round
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    path: Path
+    name: str
+    task: TaskSpec
+    sites: tuple[SiteSpec, ...]
+    rounds: int
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    algorithm: str = "fedavg"
+    aggregator: AggregatorSpec = field(default_factory=AggregatorSpec)
+    tls: bool = True
+    seed: int = 0
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+    @property
+    def site_names(self) -> list[str]:
+        return [s.name for s in self.sites]
+
+    def site(self, name: str) -> SiteSpec:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, YAML-safe view (used for MLflow params and the plan)."""
+
+        def clean(v):
+            if isinstance(v, Path):
+                return str(v)
+            if isinstance(v, tuple):
+                return [clean(x) for x in v]
+            if isinstance(v, dict):
+                return {k: clean(x) for k, x in v.items()}
+            if isinstance(v, list):
+                return [clean(x) for x in v]
+            return v
+
+        return clean(asdict(self))
+
+
+# --------------------------------------------------------------------------- parsing
+
+_TOP = {
+    "name": True, "task": True, "sites": True, "rounds": True, "local_epochs": True,
+    "batch_size": True, "learning_rate": True, "algorithm": False, "aggregator": False,
+    "tls": False, "seed": False, "timeouts": False,
+}
+_TASK = {"model": True, "loss": False, "metric": False, "input_size": False, "preprocessing": False}
+_MODEL = {"name": True, "channels": False, "strides": False, "res_units": False}
+_PRE = {"normalize": False, "label": False}
+_SITE = {"name": True, "data": True}
+_AGG = {"host": False, "port": False}
+_TIMEOUTS = {"startup_seconds": False, "round_seconds": False}
+
+
+class _Reader:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, what: str) -> SpecError:
+        return SpecError(f"{self.path}: field '{where}' {what}")
+
+    def mapping(self, value: Any, where: str, allowed: dict[str, bool]) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where or "(top level)", f"must be a mapping, got {type(value).__name__}.")
+        for key in value:
+            if key not in allowed:
+                full = f"{where}.{key}" if where else str(key)
+                close = difflib.get_close_matches(str(key), list(allowed), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else f"; allowed: {', '.join(allowed)}."
+                raise self.fail(full, f"is not a known field{hint}")
+        for key, required in allowed.items():
+            if required and key not in value:
+                full = f"{where}.{key}" if where else key
+                raise self.fail(full, "is missing; add it (see federations/ixi-brain.yaml for an example).")
+        return value
+
+    def integer(self, value: Any, where: str, minimum: int, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(where, f"must be an integer, got {value!r}.")
+        if value < minimum or (maximum is not None and value > maximum):
+            hi = f" and at most {maximum}" if maximum is not None else ""
+            raise self.fail(where, f"must be at least {minimum}{hi}, got {value}.")
+        return value
+
+    def number(self, value: Any, where: str, positive: bool = True) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(where, f"must be a number, got {value!r}.")
+        if positive and not value > 0:
+            raise self.fail(where, f"must be greater than 0, got {value}.")
+        return float(value)
+
+    def choice(self, value: Any, where: str, options: tuple[str, ...]) -> str:
+        if value not in options:
+            raise self.fail(where, f"must be one of {', '.join(options)}, got {value!r}.")
+        return value
+
+    def int_list(self, value: Any, where: str, length: int | None = None) -> tuple[int, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.fail(where, f"must be a non-empty list of integers, got {value!r}.")
+        if length is not None and len(value) != length:
+            raise self.fail(where, f"must have {length} entries, got {len(value)}.")
+        return tuple(self.integer(v, f"{where}[{i}]", 1) for i, v in enumerate(value))
+
+
+def load_spec(path: str | Path) -> FederationSpec:
+    """Read and validate a federation spec; raise SpecError naming the file and field."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: the federation spec does not exist; pass the path of a YAML file.") from None
+    except OSError as exc:
+        raise SpecError(f"{path}: the federation spec cannot be read ({exc.strerror}).") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    return parse_spec(raw, path)
+
+
+def parse_spec(raw: Any, path: Path) -> FederationSpec:
+    r = _Reader(path)
+    top = r.mapping(raw, "", _TOP)
+    base = path.resolve().parent
+
+    name = top["name"]
+    if not isinstance(name, str) or not FEDERATION_NAME.match(name):
+        raise r.fail("name", f"must be 2-40 lowercase letters, digits or '-', starting with a letter, got {name!r}.")
+
+    task_raw = r.mapping(top["task"], "task", _TASK)
+    model_raw = r.mapping(task_raw["model"], "task.model", _MODEL)
+    model = ModelSpec(
+        name=r.choice(model_raw["name"], "task.model.name", MODELS),
+        channels=r.int_list(model_raw.get("channels", [8, 16, 32, 64]), "task.model.channels"),
+        strides=r.int_list(model_raw.get("strides", [2, 2, 2]), "task.model.strides"),
+        res_units=r.integer(model_raw.get("res_units", 1), "task.model.res_units", 0, 4),
+    )
+    if len(model.strides) != len(model.channels) - 1:
+        raise r.fail("task.model.strides", f"must have one entry fewer than task.model.channels ({len(model.channels) - 1}), got {len(model.strides)}.")
+    pre = r.mapping(task_raw.get("preprocessing", {}) or {}, "task.preprocessing", _PRE)
+    input_size = r.int_list(task_raw.get("input_size", [64, 64, 64]), "task.input_size", 3)
+    factor = 1
+    for s in model.strides:
+        factor *= s
+    for i, n in enumerate(input_size):
+        if n % factor:
+            raise r.fail(f"task.input_size[{i}]", f"must be divisible by {factor} (the product of task.model.strides), got {n}.")
+    task = TaskSpec(
+        model=model,
+        loss=r.choice(task_raw.get("loss", "dice_ce"), "task.loss", LOSSES),
+        metric=r.choice(task_raw.get("metric", "dice"), "task.metric", METRICS),
+        input_size=input_size,  # type: ignore[arg-type]
+        normalize=r.choice(pre.get("normalize", "zscore"), "task.preprocessing.normalize", NORMALISATIONS),
+        label=r.choice(pre.get("label", "foreground"), "task.preprocessing.label", LABELS),
+    )
+
+    sites_raw = top["sites"]
+    if not isinstance(sites_raw, list) or not sites_raw:
+        raise r.fail("sites", "must be a non-empty list of {name, data} entries.")
+    sites: list[SiteSpec] = []
+    seen_names: dict[str, int] = {}
+    for i, s in enumerate(sites_raw):
+        s = r.mapping(s, f"sites[{i}]", _SITE)
+        sname = s["name"]
+        if not isinstance(sname, str) or not SITE_NAME.match(sname):
+            raise r.fail(f"sites[{i}].name", f"must be 2-40 lowercase letters, digits or '-', starting with a letter, got {sname!r}.")
+        if sname in seen_names:
+            raise r.fail(f"sites[{i}].name", f"repeats site '{sname}' (also sites[{seen_names[sname]}]); every site needs its own name.")
+        seen_names[sname] = i
+        if not isinstance(s["data"], str) or not s["data"].strip():
+            raise r.fail(f"sites[{i}].data", f"must be the path of site '{sname}''s data folder, got {s['data']!r}.")
+        data = Path(s["data"]).expanduser()
+        data = (base / data).resolve() if not data.is_absolute() else data.resolve()
+        sites.append(SiteSpec(name=sname, data=data))
+    for i, a in enumerate(sites):
+        for j, b in enumerate(sites[:i]):
+            if a.data == b.data or a.data in b.data.parents or b.data in a.data.parents:
+                raise r.fail(f"sites[{i}].data", f"of site '{a.name}' ({a.data}) overlaps the data folder of site '{b.name}' ({b.data}); each site must read only its own folder.")
+
+    agg_raw = r.mapping(top.get("aggregator", {}) or {}, "aggregator", _AGG)
+    host = agg_raw.get("host", "localhost")
+    if not isinstance(host, str) or not re.match(r"^[A-Za-z0-9.-]+$", host):
+        raise r.fail("aggregator.host", f"must be a DNS name (the aggregator certificate carries it), got {host!r}.")
+    agg = AggregatorSpec(host=host, port=r.integer(agg_raw.get("port", 50051), "aggregator.port", 1024, 65535))
+
+    tls = top.get("tls", True)
+    if not isinstance(tls, bool):
+        raise r.fail("tls", f"must be true or false, got {tls!r}.")
+
+    t_raw = r.mapping(top.get("timeouts", {}) or {}, "timeouts", _TIMEOUTS)
+    timeouts = Timeouts(
+        startup_seconds=r.number(t_raw.get("startup_seconds", Timeouts.startup_seconds), "timeouts.startup_seconds"),
+        round_seconds=r.number(t_raw.get("round_seconds", Timeouts.round_seconds), "timeouts.round_seconds"),
+    )
+
+    return FederationSpec(
+        path=path.resolve(),
+        name=name,
+        task=task,
+        sites=tuple(sites),
+        rounds=r.integer(top["rounds"], "rounds", 1, 1000),
+        local_epochs=r.integer(top["local_epochs"], "local_epochs", 1, 1000),
+        batch_size=r.integer(top["batch_size"], "batch_size", 1, 1024),
+        learning_rate=r.number(top["learning_rate"], "learning_rate"),
+        algorithm=r.choice(top.get("algorithm", "fedavg"), "algorithm", ALGORITHMS),
+        aggregator=agg,
+        tls=tls,
+        seed=r.integer(top.get("seed", 0), "seed", 0),
+        timeouts=timeouts,
+    )
