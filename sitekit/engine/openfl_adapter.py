@@ -39,6 +39,7 @@ import yaml
 
 from sitekit.data import DataError, SiteVolumes
 from sitekit.model import build_loss, build_model, dice_score
+from sitekit.netcheck import tls_probe
 from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
 from sitekit.training import make_loader, make_optimizer, train_epoch
 
@@ -357,6 +358,8 @@ class FedwardAggregator(Aggregator):
         deadline = time.monotonic() + self.long_poll_seconds
         while True:
             tasks, rnd, sleep_time, quit_ = super().get_tasks(collaborator_name)
+            if tasks:
+                self.events.emit("assigned", site=collaborator_name, round=int(rnd))
             left = deadline - time.monotonic()
             if tasks or quit_ or left <= 0:
                 return tasks, rnd, (min(sleep_time, 1) if not tasks and not quit_ else sleep_time), quit_
@@ -379,7 +382,7 @@ def _status(code: int, reason: str, **extra) -> int:
     return code
 
 
-def run_aggregator(bind: str = "127.0.0.1") -> int:
+def run_aggregator(bind: str = "localhost") -> int:
     """Serve the federation from the current folder until every site has been told to quit."""
     Path("local_state").mkdir(exist_ok=True)
     Path("save").mkdir(exist_ok=True)
@@ -428,9 +431,12 @@ def _check_admission(plan: Plan, name: str, timeout: float) -> None:
                     raise PermissionError(f"the aggregator refused site '{name}': {exc.details()}") from None
                 if exc.code() == grpc.StatusCode.UNKNOWN and "not authorized" in details:
                     raise PermissionError(f"the aggregator refused site '{name}': {exc.details()}") from None
-                if any(w in details for w in ("handshake", "ssl", "certificate", "tls")):
-                    raise PermissionError(f"TLS handshake between site '{name}' and the aggregator at {uri} failed "
-                                          f"(certificate not trusted by the federation CA?): {exc.details()}") from None
+                if exc.code() == grpc.StatusCode.UNAVAILABLE and net.get("use_tls", True):
+                    # gRPC hides a refused certificate behind "unavailable": ask TLS directly.
+                    ok, what = tls_probe(net["agg_addr"], int(net["agg_port"]), str(paths["chain"]),
+                                         str(paths["cert"]), str(paths["key"]))
+                    if not ok and ("TLS handshake" in what or "not trusted" in what):
+                        raise PermissionError(f"site '{name}': {what}") from None
                 time.sleep(0.5)
     finally:
         channel.close()
@@ -461,7 +467,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m sitekit.engine.openfl_adapter")
     sub = ap.add_subparsers(dest="role", required=True)
     a = sub.add_parser("aggregator")
-    a.add_argument("--bind", default="127.0.0.1")
+    a.add_argument("--bind", default="localhost", help="address to listen on (default: loopback only, IPv4 and IPv6)")
     c = sub.add_parser("collaborator")
     c.add_argument("--name", required=True)
     c.add_argument("--admission-timeout", type=float, default=30.0)

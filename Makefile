@@ -1,0 +1,31 @@
+# fedward: `make demo` runs the main job on the embedded default; `make test` runs the tests.
+# Both set up everything first: a virtualenv at .venv with pinned dependencies.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export FEDWARD_DATA ?= $(abspath ../shared/data)
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first and exactly: 2.13.0 is the CPU wheel on disk; anything else pulls GBs of CUDA.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	$(BIN)/fedward prepare-ixi --source $(FEDWARD_DATA)/ixi-hh --out .fedward/sites
+	$(BIN)/fedward run federations/ixi-brain.yaml --summary .fedward/demo-summary.json
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python bench/round_overhead.py
+
+clean:
+	rm -rf .fedward/runs .pytest_cache

@@ -1,0 +1,160 @@
+"""Shared fixtures: real IXI cases in site folders, and real Prefect and MLflow servers on loopback."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("FEDWARD_DATA", REPO.parent / "shared" / "data")).resolve()
+IXI = DATA / "ixi-hh"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ixi_case_ids() -> list[str]:
+    return sorted(p.name[: -len("_T1.nii.gz")] for p in (IXI / "T1").glob("*_T1.nii.gz"))
+
+
+def make_site(folder: Path, case_ids: list[str], n_train: int) -> Path:
+    """A site folder holding real IXI cases (image + DLMUSE label), laid out as fedward expects."""
+    for i, cid in enumerate(case_ids):
+        split = ("imagesTr", "labelsTr") if i < n_train else ("imagesTs", "labelsTs")
+        for d in split:
+            (folder / d).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(IXI / "T1" / f"{cid}_T1.nii.gz", folder / split[0] / f"{cid}.nii.gz")
+        shutil.copyfile(IXI / "DLMUSE" / f"{cid}_T1_DLMUSE.nii.gz", folder / split[1] / f"{cid}.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ixi_pool(tmp_path_factory) -> dict[str, Path]:
+    """Two small real-IXI sites (6 training + 2 test cases each), built once per session, read-only by convention."""
+    if not IXI.is_dir():
+        pytest.fail(f"IXI data not found at {IXI}; set FEDWARD_DATA to the shared data folder")
+    ids = ixi_case_ids()
+    root = tmp_path_factory.mktemp("ixi-sites")
+    return {
+        "hospital-a": make_site(root / "hospital-a", ids[0:8], 6),
+        "hospital-b": make_site(root / "hospital-b", ids[8:16], 6),
+    }
+
+
+@pytest.fixture
+def sites(ixi_pool, tmp_path) -> dict[str, Path]:
+    """A private copy of the pool for tests that break files."""
+    out = {}
+    for name, folder in ixi_pool.items():
+        out[name] = Path(shutil.copytree(folder, tmp_path / "data" / name))
+    return out
+
+
+def write_spec(path: Path, sites: dict[str, Path], port: int, **overrides) -> Path:
+    import yaml
+
+    spec = {
+        "name": "ixi-test",
+        "task": {"model": {"name": "unet3d", "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "res_units": 1},
+                 "loss": "dice_ce", "metric": "dice", "input_size": [64, 64, 64]},
+        "sites": [{"name": n, "data": str(f)} for n, f in sites.items()],
+        "rounds": 2, "local_epochs": 1, "batch_size": 2, "learning_rate": 0.005,
+        "algorithm": "fedavg", "aggregator": {"host": "localhost", "port": port}, "tls": True,
+        "timeouts": {"startup_seconds": 120, "round_seconds": 180},
+    }
+    for k, v in overrides.items():
+        spec[k] = v
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _wait_http(url: str, proc: subprocess.Popen, what: str, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer {url} within {timeout} s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_home(tmp_path_factory):
+    """Keep tests out of the repo's .fedward (the demo's MLflow store and workspaces)."""
+    home = tmp_path_factory.mktemp("fedward-home")
+    os.environ["FEDWARD_HOME"] = str(home)
+    yield home
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """A real Prefect server on loopback shared by every flow test (one cold start, ~15 s)."""
+    home = tmp_path_factory.mktemp("prefect")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_http(f"{url}/health", proc, "prefect server")
+        os.environ["PREFECT_API_URL"] = url
+        os.environ["PREFECT_HOME"] = str(home)
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        _stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server (sqlite backend, artifacts served by the server) on loopback."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(f"{url}/health", proc, "mlflow server")
+        os.environ["MLFLOW_TRACKING_URI"] = url
+        yield url
+    finally:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        _stop(proc)
+        log.close()

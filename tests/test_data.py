@@ -1,0 +1,81 @@
+"""A site's data: real IXI cases, and each way a hospital's folder can be broken."""
+import gzip
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from sitekit.data import DataError, SiteVolumes, inspect_site, preprocess
+
+
+def test_inspect_counts_real_cases(sites):
+    s = inspect_site("hospital-a", sites["hospital-a"])
+    assert (s.train_cases, s.test_cases) == (6, 2)
+    # IXI brains fill 10-20 % of the 120x120x90 field of view
+    assert 0.08 < s.foreground_fraction < 0.25
+
+
+def test_preprocess_makes_binary_mask_on_task_grid(sites):
+    vols = SiteVolumes("hospital-a", sites["hospital-a"], "test", (32, 32, 32))
+    image, mask = vols[0]
+    assert image.shape == mask.shape == (1, 32, 32, 32)
+    assert set(np.unique(mask.numpy())) == {0.0, 1.0}
+    brain = image[mask > 0]
+    assert abs(float(brain.mean())) < 1.5  # z-scored over the head, not raw scanner units
+
+
+def first(folder, sub):
+    return sorted((folder / sub).iterdir())[0]
+
+
+def test_missing_label(sites):
+    label = first(sites["hospital-b"], "labelsTr")
+    label.unlink()
+    with pytest.raises(DataError) as err:
+        inspect_site("hospital-b", sites["hospital-b"])
+    assert "site 'hospital-b'" in str(err.value) and label.name in str(err.value) and "no label file" in str(err.value)
+
+
+def test_unreadable_nifti(sites):
+    img = first(sites["hospital-a"], "imagesTr")
+    data = img.read_bytes()
+    img.write_bytes(data[: len(data) // 3])  # truncated transfer
+    with pytest.raises(DataError) as err:
+        inspect_site("hospital-a", sites["hospital-a"])
+    assert "site 'hospital-a'" in str(err.value) and str(img) in str(err.value)
+
+
+def test_not_a_nifti_at_all(sites):
+    img = first(sites["hospital-a"], "imagesTs")
+    img.write_bytes(gzip.compress(b"this is a PDF report, not an image"))
+    with pytest.raises(DataError, match="not a readable NIfTI"):
+        inspect_site("hospital-a", sites["hospital-a"])
+
+
+def test_shape_mismatch(sites):
+    label = first(sites["hospital-a"], "labelsTr")
+    src = nib.load(str(label))
+    cropped = nib.Nifti1Image(np.asarray(src.dataobj)[:, :, :80], src.affine)
+    nib.save(cropped, str(label))
+    with pytest.raises(DataError) as err:
+        inspect_site("hospital-a", sites["hospital-a"])
+    msg = str(err.value)
+    assert "field 'shape'" in msg and "(120, 120, 90)" in msg and "(120, 120, 80)" in msg and label.name in msg
+
+
+def test_site_with_no_cases(tmp_path):
+    (tmp_path / "empty" / "imagesTr").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"site 'hospital-z': data folder .* has no training cases"):
+        inspect_site("hospital-z", tmp_path / "empty")
+
+
+def test_site_without_test_cases(sites):
+    shutil.rmtree(sites["hospital-a"] / "imagesTs")
+    with pytest.raises(DataError, match="no held-out test cases"):
+        inspect_site("hospital-a", sites["hospital-a"])
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        inspect_site("hospital-a", tmp_path / "nowhere")

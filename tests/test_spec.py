@@ -1,0 +1,86 @@
+"""The federation spec: every wrong or missing field is one sentence naming the file and the field."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sitekit.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def base(tmp_path) -> dict:
+    for s in ("a", "b"):
+        (tmp_path / s).mkdir(exist_ok=True)
+    return {
+        "name": "demo", "task": {"model": {"name": "unet3d"}},
+        "sites": [{"name": "site-a", "data": "a"}, {"name": "site-b", "data": "b"}],
+        "rounds": 2, "local_epochs": 1, "batch_size": 2, "learning_rate": 0.01,
+    }
+
+
+def write(tmp_path, spec) -> Path:
+    p = tmp_path / "fed.yaml"
+    p.write_text(yaml.safe_dump(spec) if not isinstance(spec, str) else spec)
+    return p
+
+
+def test_demo_spec_is_valid_and_defaults_apply():
+    spec = load_spec(REPO / "federations" / "ixi-brain.yaml")
+    assert spec.name == "ixi-brain"
+    assert spec.site_names == ["hospital-a", "hospital-b", "hospital-c"]
+    assert spec.tls is True and spec.algorithm == "fedavg"
+    assert spec.rounds >= 3
+    # relative data paths resolve against the spec file's folder, not the cwd
+    assert spec.sites[0].data == (REPO / ".fedward" / "sites" / "hospital-a").resolve()
+
+
+def test_minimal_spec_gets_tls_on_by_default(tmp_path):
+    spec = load_spec(write(tmp_path, base(tmp_path)))
+    assert spec.tls is True
+    assert spec.aggregator.port == 50051
+    assert spec.sites[1].data == (tmp_path / "b").resolve()
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda s: s.update(roundz=3), "roundz", "did you mean 'rounds'"),
+    (lambda s: s.pop("rounds"), "rounds", "is missing"),
+    (lambda s: s.update(rounds="three"), "rounds", "must be an integer"),
+    (lambda s: s.update(rounds=0), "rounds", "at least 1"),
+    (lambda s: s.update(learning_rate=-1), "learning_rate", "greater than 0"),
+    (lambda s: s.update(algorithm="fedsgd"), "algorithm", "fedavg"),
+    (lambda s: s.update(tls="yes please"), "tls", "true or false"),
+    (lambda s: s["task"]["model"].update(chanels=[8, 16]), "task.model.chanels", "did you mean 'channels'"),
+    (lambda s: s["task"].update(input_size=[60, 64, 64]), "task.input_size[0]", "divisible by 8"),
+    (lambda s: s["task"].pop("model"), "task.model", "is missing"),
+    (lambda s: s["sites"][1].update(name="site-a"), "sites[1].name", "repeats site 'site-a'"),
+    (lambda s: s["sites"][1].update(name="Site B"), "sites[1].name", "lowercase"),
+    (lambda s: s["sites"][1].update(data="a"), "sites[1].data", "overlaps the data folder of site 'site-a'"),
+    (lambda s: s["sites"][1].update(data="a/sub"), "sites[1].data", "overlaps"),
+    (lambda s: s["sites"][0].pop("data"), "sites[0].data", "is missing"),
+    (lambda s: s.update(sites=[]), "sites", "non-empty list"),
+    (lambda s: s.update(aggregator={"port": 80}), "aggregator.port", "at least 1024"),
+    (lambda s: s.update(aggregator={"hostname": "x"}), "aggregator.hostname", "did you mean 'host'"),
+])
+def test_bad_field_names_file_and_field(tmp_path, mutate, field, words):
+    spec = base(tmp_path)
+    mutate(spec)
+    path = write(tmp_path, spec)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    msg = str(err.value)
+    assert str(path) in msg
+    assert f"field '{field}'" in msg
+    assert words in msg
+    assert "\n" not in msg  # one sentence
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path):
+    path = write(tmp_path, "name: demo\nrounds: [1, 2\nsites: x\n")
+    with pytest.raises(SpecError, match=r"fed.yaml: not valid YAML at line \d"):
+        load_spec(path)
+
+
+def test_missing_spec_file(tmp_path):
+    with pytest.raises(SpecError, match="does not exist"):
+        load_spec(tmp_path / "nope.yaml")
