@@ -246,8 +246,11 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path) -> dict:
     model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
     model.eval()
     example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
+    # "pickle" keeps the MONAI UNet an ordinary nn.Module (eval(), fine-tuning, any batch size);
+    # MLflow's default "pt2" export would freeze it to the example's shape.
     info = mlflow.pytorch.log_model(
         model, name="global-model", registered_model_name=spec.name, input_example=example,
+        serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", "nibabel"],
     )
     return {"name": spec.name, "version": str(info.registered_model_version), "model_uri": info.model_uri}

@@ -129,9 +129,11 @@ def prefect_server(tmp_path_factory):
     url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_http(f"{url}/health", proc, "prefect server")
-        os.environ["PREFECT_API_URL"] = url
-        os.environ["PREFECT_HOME"] = str(home)
-        yield url
+        os.environ["PREFECT_API_URL"] = url  # for subprocesses (fedward run)
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings(updates={PREFECT_API_URL: url}):  # for flows run in this process
+            yield url
     finally:
         os.environ.pop("PREFECT_API_URL", None)
         _stop(proc)
