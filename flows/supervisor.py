@@ -54,8 +54,7 @@ class Participant:
                 pass
         rc = self.proc.returncode
         how = f"was killed by signal {-rc}" if rc is not None and rc < 0 else f"exited with code {rc}"
-        tail = self.log_tail(4)
-        return f"its process {how}" + (f"; last log lines:\n{tail}" if tail else "")
+        return f"its process {how} (its log: {self.log_path})"
 
 
 class Supervisor:
