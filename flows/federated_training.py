@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
 from sitekit import pki  # noqa: E402
-from sitekit.data import DataError, SiteSummary, inspect_site  # noqa: E402
+from sitekit.data import DataError, SiteSummary  # noqa: E402
 from sitekit.engine import openfl_adapter as engine  # noqa: E402
 from sitekit.spec import FederationSpec, SpecError, load_spec  # noqa: E402
 
@@ -49,12 +49,35 @@ def validate_spec(spec_path: str) -> FederationSpec:
 
 @task(name="check-site-data", cache_policy=NO_CACHE)
 def check_site_data(spec: FederationSpec) -> dict[str, SiteSummary]:
-    """Every case readable and consistent at every site (in deployment: each site's preflight)."""
-    summaries = {}
-    for site in spec.sites:
-        summaries[site.name] = inspect_site(site.name, site.data)
-        s = summaries[site.name]
-        print(f"site {site.name}: {s.train_cases} training / {s.test_cases} test cases, brain fraction {s.foreground_fraction:.3f}")
+    """Every case readable and consistent at every site, checked by each site's own process.
+
+    Only aggregate counts come back to the control plane; a problem comes back as the site's
+    one-sentence reason (naming its file), and stops the run before any participant starts.
+    """
+    import subprocess
+
+    procs = {s.name: subprocess.Popen([sys.executable, *SITEKIT, "check-data", "--site", s.name, "--data", str(s.data)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+             for s in spec.sites}
+    summaries, problems = {}, []
+    for name, proc in procs.items():
+        try:
+            out, err = proc.communicate(timeout=spec.timeouts.startup_seconds)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            problems.append(f"site '{name}': checking its data took longer than {spec.timeouts.startup_seconds:.0f} s")
+            continue
+        if proc.returncode == 3:
+            problems.append(err.strip().splitlines()[-1].removeprefix("sitekit: "))
+        elif proc.returncode != 0:
+            problems.append(f"site '{name}': the data check crashed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
+        else:
+            summaries[name] = SiteSummary(**json.loads(out.strip().splitlines()[-1]))
+            s = summaries[name]
+            print(f"site {name}: {s.train_cases} training / {s.test_cases} test cases, brain fraction {s.foreground_fraction:.3f}")
+    if problems:
+        raise DataError(problems[0] if len(problems) == 1 else " | ".join(problems))
     return summaries
 
 
@@ -190,8 +213,21 @@ def train_local_baselines(spec: FederationSpec, workspace: Path) -> dict[str, Pa
         jobs = [sup.start(s.name, "site-job", [*SITEKIT, "train-local", "--workspace", "."], workspace / "sites" / s.name,
                           env={"FEDWARD_TORCH_THREADS": os.environ.get("FEDWARD_TORCH_THREADS", "1")})
                 for s in spec.sites]
-        sup.wait_all(jobs, timeout=spec.timeouts.round_seconds * spec.rounds, what="local-only training")
+        sup.wait_all(jobs, timeout=spec.timeouts.round_seconds * spec.rounds, what="local-only training",
+                     progress=_print_job_progress)
     return {s.name: workspace / "sites" / s.name / "local" / "model.pt" for s in spec.sites}
+
+
+def _print_job_progress(jobs) -> None:
+    """One line: how far each site's local-only training is (read from its job log)."""
+    states = []
+    for p in jobs:
+        if p.poll() is not None:
+            states.append(f"{p.name} done")
+            continue
+        epochs = [ln.split("epoch", 1)[1].split(":")[0].strip() for ln in p.log_tail(20).splitlines() if "local-only epoch" in ln]
+        states.append(f"{p.name} epoch {epochs[-1] if epochs else '0'}")
+    print("local-only baselines: " + ", ".join(states), flush=True)
 
 
 @task(name="evaluate-at-every-site", cache_policy=NO_CACHE)

@@ -103,11 +103,19 @@ class Supervisor:
     def __exit__(self, *exc) -> None:
         self.stop_all()
 
-    def wait_all(self, participants: list[Participant], timeout: float, what: str) -> None:
-        """Wait for short-lived site jobs; raise FederationFailed naming the first that fails or overruns."""
+    def wait_all(self, participants: list[Participant], timeout: float, what: str,
+                 progress=None, every: float = 15.0) -> None:
+        """Wait for short-lived site jobs; raise FederationFailed naming the first that fails or overruns.
+
+        ``progress(participants)`` is called every ``every`` seconds while they run.
+        """
         deadline = time.monotonic() + timeout
         pending = list(participants)
+        next_report = time.monotonic() + every
         while pending:
+            if progress is not None and time.monotonic() >= next_report:
+                progress(participants)
+                next_report += every
             for p in list(pending):
                 rc = p.poll()
                 if rc is None:

@@ -1,5 +1,6 @@
 """``sitekit``: the commands a participant runs in its own folder.
 
+- ``sitekit check-data``  check every case of this site's data; only aggregate counts are printed
 - ``sitekit keygen``      make this participant's private key (stays here) and certificate request
 - ``sitekit train-local`` train the local-only baseline on this site's data, same budget as a federated run
 - ``sitekit evaluate``    score models on this site's held-out test cases; only Dice numbers leave
@@ -15,6 +16,17 @@ import sys
 from pathlib import Path
 
 from sitekit import __version__
+
+
+def cmd_check_data(args) -> int:
+    """Check every case of this site's data; print only aggregate counts (JSON) on success."""
+    from dataclasses import asdict
+
+    from sitekit.data import inspect_site
+
+    summary = inspect_site(args.site, Path(args.data))
+    print(json.dumps(asdict(summary)))
+    return 0
 
 
 def cmd_keygen(args) -> int:
@@ -94,6 +106,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sitekit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"sitekit {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("check-data", help="check this site's data folder; prints aggregate counts only")
+    d.add_argument("--site", required=True)
+    d.add_argument("--data", required=True)
     k = sub.add_parser("keygen", help="make this participant's key and certificate request")
     k.add_argument("--workspace", required=True)
     k.add_argument("--role", choices=["site", "aggregator"], required=True)
@@ -108,10 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     from sitekit.data import DataError
 
     try:
-        return {"keygen": cmd_keygen, "train-local": cmd_train_local, "evaluate": cmd_evaluate}[args.cmd](args)
+        return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
+                "evaluate": cmd_evaluate}[args.cmd](args)
     except DataError as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
-        (Path(args.workspace) / "status.json").write_text(json.dumps({"exit": 3, "reason": str(exc)}))
+        if getattr(args, "workspace", None):
+            (Path(args.workspace) / "status.json").write_text(json.dumps({"exit": 3, "reason": str(exc)}))
         return 3
 
 

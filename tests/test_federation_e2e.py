@@ -76,6 +76,18 @@ def test_registered_model_loads_predicts_and_is_the_federated_model(run):
         assert not torch.allclose(init(case), out, atol=1e-3)
 
 
+def test_one_plan_for_everyone_and_each_site_reads_only_its_folder(run):
+    from pathlib import Path
+
+    ws = Path(run["summary"]["workspace"])
+    plans = {p.parent.parent.name: p.read_bytes() for p in ws.glob("**/plan/plan.yaml")}
+    assert set(plans) == {"aggregator", "hospital-a", "hospital-b"}
+    assert len(set(plans.values())) == 1
+    for site in ("hospital-a", "hospital-b"):
+        data_yaml = (ws / "sites" / site / "plan" / "data.yaml").read_text().strip().splitlines()
+        assert data_yaml == [f"{site},{run['spec'].site(site).data}"]
+
+
 def test_private_keys_stay_in_their_own_folder(run):
     ws = run["summary"]["workspace"]
     from pathlib import Path
