@@ -165,7 +165,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     entry = {"round": ev["round"], "wall_seconds": wall, "train_seconds": train,
                              "overhead_seconds": wall - train, "federation": ev["federation"], "sites": ev["sites"]}
                     mlflow.log_metrics({"round/wall_seconds": wall, "round/train_seconds_slowest_site": train,
-                                        "round/overhead_seconds": wall - train}, step=ev["round"])
+                                        "round/overhead_seconds": wall - train}, step=ev["round"] + 1)
                     history.append(entry)
                     tracking.log_round(ev["round"], ev["federation"], ev["sites"])
                     _print_round(spec, entry)
@@ -226,7 +226,7 @@ def _print_job_progress(jobs) -> None:
             states.append(f"{p.name} done")
             continue
         epochs = [ln.split("epoch", 1)[1].split(":")[0].strip() for ln in p.log_tail(20).splitlines() if "local-only epoch" in ln]
-        states.append(f"{p.name} epoch {epochs[-1] if epochs else '0'}")
+        states.append(f"{p.name} " + (f"epoch {epochs[-1]}" if epochs else "loading data"))
     print("local-only baselines: " + ", ".join(states), flush=True)
 
 
@@ -263,12 +263,26 @@ def comparison_table(spec: FederationSpec, scores: dict[str, dict[str, float]]) 
     return table
 
 
-def _print_table(table: dict[str, dict]) -> None:
-    print("\nsite          local-only Dice   global Dice   best single-site (model)     global >= best single site?")
+def format_table(table: dict[str, dict]) -> str:
+    lines = ["site          local-only Dice   global Dice   best single-site (model)     global >= best single site?"]
     for site, r in table.items():
-        print(f"{site:<13} {r['local']:>15.4f} {r['global']:>13.4f}   {r['best_single_site']:.4f} ({r['best_single_site_model']:<12}) "
-              f"  {'yes' if r['global_beats_best_single_site'] else 'NO'}")
-    print()
+        lines.append(f"{site:<13} {r['local']:>15.4f} {r['global']:>13.4f}   {r['best_single_site']:.4f} ({r['best_single_site_model']:<12}) "
+                     f"  {'yes' if r['global_beats_best_single_site'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def _print_table(table: dict[str, dict]) -> None:
+    # Written straight to stdout (not through Prefect's log prefixes) so the columns line up;
+    # the Prefect UI gets the same table as a markdown artifact.
+    sys.stdout.write("\n" + format_table(table) + "\n\n")
+    sys.stdout.flush()
+    from prefect.artifacts import create_markdown_artifact
+
+    rows = "\n".join(f"| {s} | {r['local']:.4f} | {r['global']:.4f} | {r['best_single_site']:.4f} ({r['best_single_site_model']}) | "
+                     f"{'yes' if r['global_beats_best_single_site'] else 'NO'} |" for s, r in table.items())
+    create_markdown_artifact(key="site-comparison", description="Dice per site: local-only vs global",
+                             markdown="| site | local-only Dice | global Dice | best single-site | global >= best? |\n"
+                                      "|---|---|---|---|---|\n" + rows)
 
 
 @task(name="register-global-model", cache_policy=NO_CACHE)
@@ -341,11 +355,17 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         for site, r in table.items():
             mlflow.log_metrics({f"final/{site}/global_dice": r["global"], f"final/{site}/local_only_dice": r["local"],
                                 f"final/{site}/best_single_site_dice": r["best_single_site"]})
+            # the curve's last point: the registered model, after all rounds
+            mlflow.log_metric(f"site/{site}/global_model_dice", r["global"], step=spec.rounds)
+        n_test = {n: s.test_cases for n, s in summaries.items()}
+        mlflow.log_metric("federation/global_model_dice",
+                          sum(table[n]["global"] * n_test[n] for n in table) / sum(n_test.values()), step=spec.rounds)
         mlflow.log_dict({"scores": scores, "table": table}, "comparison/scores.json")
         mlflow.log_text(tracking.comparison_csv(table), "comparison/sites.csv")
         mlflow.log_figure(tracking.comparison_figure(table), "comparison/sites.png")
         if result["history"]:
-            mlflow.log_figure(tracking.curves_figure(result["history"]), "curves/learning_curves.png")
+            mlflow.log_figure(tracking.curves_figure(result["history"], {s: r["global"] for s, r in table.items()}),
+                              "curves/learning_curves.png")
         mlflow.log_dict(result, "curves/rounds.json")
         registered = register_global_model(spec, global_path)
         wall = time.time() - t0

@@ -39,13 +39,21 @@ def configure(experiment: str) -> str:
     return uri
 
 
-def log_round(round_number: int, federation: dict[str, float], sites: dict[str, dict[str, float]]) -> None:
-    """One round's aggregated and per-site metrics, as steps so the UI draws curves."""
-    metrics = {f"federation/{_clean(k)}": v for k, v in federation.items()}
-    for site, values in sites.items():
-        metrics.update({f"site/{site}/{_clean(k)}": v for k, v in values.items()})
-    if metrics:
-        mlflow.log_metrics(metrics, step=round_number)
+def log_round(round_index: int, federation: dict[str, float], sites: dict[str, dict[str, float]]) -> None:
+    """One round's aggregated and per-site metrics, as steps so the UI draws curves.
+
+    The step is the number of rounds completed when the value describes the model: the global
+    model validated at the start of round i (0-based) has seen i rounds (step i); training loss
+    and the locally trained model of round i belong to step i + 1.
+    """
+    before, after = {}, {}
+    for prefix, values in [("federation", federation), *((f"site/{s}", v) for s, v in sites.items())]:
+        for k, v in values.items():
+            (before if k.startswith("aggregated_model_validation/") else after)[f"{prefix}/{_clean(k)}"] = v
+    if before:
+        mlflow.log_metrics(before, step=round_index)
+    if after:
+        mlflow.log_metrics(after, step=round_index + 1)
 
 
 def _clean(name: str) -> str:
@@ -65,8 +73,8 @@ def comparison_csv(table: dict[str, dict]) -> str:
     return buf.getvalue()
 
 
-def curves_figure(history: list[dict]):
-    """Learning curves: global-model Dice per site per round."""
+def curves_figure(history: list[dict], final: dict[str, float] | None = None):
+    """Learning curves per site: global-model Dice after r rounds (r = 0 .. N), and training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,12 +83,19 @@ def curves_figure(history: list[dict]):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     sites = sorted({s for h in history for s in h["sites"]})
     for site in sites:
-        xs = [h["round"] for h in history if site in h["sites"]]
-        axes[0].plot(xs, [h["sites"][site].get("aggregated_model_validation/dice", float("nan")) for h in history if site in h["sites"]], marker="o", label=site)
-        axes[1].plot(xs, [h["sites"][site].get("train/train_loss", float("nan")) for h in history if site in h["sites"]], marker="o", label=site)
-    axes[0].set(title="Global model Dice on each site's test cases\n(model entering the round)", xlabel="round", ylabel="Dice")
-    axes[1].set(title="Local training loss", xlabel="round", ylabel="loss")
+        rows = [h for h in history if site in h["sites"]]
+        xs = [h["round"] for h in rows]
+        ys = [h["sites"][site].get("aggregated_model_validation/dice", float("nan")) for h in rows]
+        if final and site in final:
+            xs, ys = xs + [len(history)], ys + [final[site]]
+        axes[0].plot(xs, ys, marker="o", label=site)
+        axes[1].plot([h["round"] + 1 for h in rows], [h["sites"][site].get("train/train_loss", float("nan")) for h in rows], marker="o", label=site)
+    axes[0].set(title="Global model Dice on each site's test cases", xlabel="rounds completed", ylabel="Dice")
+    axes[1].set(title="Local training loss during the round", xlabel="round", ylabel="loss")
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -99,9 +114,10 @@ def comparison_figure(table: dict[str, dict]):
     for i, (key, label) in enumerate([("local", "local-only (own site)"), ("best_single_site", "best single-site model"), ("global", "global (federated)")]):
         ax.bar([x + (i - 1) * width for x in range(len(sites))], [table[s][key] for s in sites], width, label=label)
     ax.set_xticks(range(len(sites)), sites)
-    ax.set_ylim(0, 1)
+    low = min(min(table[s][k] for k in ("local", "best_single_site", "global")) for s in sites)
+    ax.set_ylim(max(0.0, low - 0.05), 1.0)  # zoomed: the differences that matter are small
     ax.set_ylabel("Dice on the site's held-out test cases")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

@@ -41,11 +41,13 @@ def test_mlflow_run_has_per_round_per_site_curves(run):
     r = client.get_run(run["summary"]["mlflow_run_id"])
     assert r.info.status == "FINISHED"
     for site in ("hospital-a", "hospital-b"):
-        hist = client.get_metric_history(r.info.run_id, f"site/{site}/global_model_dice")
-        assert sorted(m.step for m in hist) == [0, 1]
-        loss = client.get_metric_history(r.info.run_id, f"site/{site}/train_loss")
-        assert len(loss) == 2 and loss[1].value < loss[0].value  # it learned something in round 2
-    assert [m.step for m in client.get_metric_history(r.info.run_id, "federation/global_model_dice")] == [0, 1]
+        # step = rounds completed: the initial model (0), after round 1, after round 2 (= the registered model)
+        hist = sorted(client.get_metric_history(r.info.run_id, f"site/{site}/global_model_dice"), key=lambda m: m.step)
+        assert [m.step for m in hist] == [0, 1, 2]
+        assert hist[2].value == pytest.approx(run["summary"]["sites"][site]["global"])
+        loss = sorted(client.get_metric_history(r.info.run_id, f"site/{site}/train_loss"), key=lambda m: m.step)
+        assert [m.step for m in loss] == [1, 2] and loss[1].value < loss[0].value  # it learned something in round 2
+    assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "federation/global_model_dice")) == [0, 1, 2]
     # final metrics equal what the summary reports
     for site, row in run["summary"]["sites"].items():
         assert r.data.metrics[f"final/{site}/global_dice"] == pytest.approx(row["global"])
