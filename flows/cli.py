@@ -33,8 +33,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{site}: {folder}")
         return 0
 
-    from flows.federated_training import USER_ERRORS, federated_training
+    from flows.federated_training import USER_ERRORS, check_port_free, federated_training
+    from sitekit.spec import load_spec
 
+    try:
+        # The same checks the flow starts with, first here: a typo answers in a second, in one
+        # sentence, without starting Prefect.
+        check_port_free.fn(load_spec(args.spec))
+    except USER_ERRORS as exc:
+        print(f"fedward: {exc}", file=sys.stderr)
+        return 2
     try:
         federated_training(args.spec, summary_path=args.summary, workdir=args.workdir)
     except USER_ERRORS as exc:

@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
                 "evaluate": cmd_evaluate}[args.cmd](args)
-    except DataError as exc:
+    except (DataError, FloatingPointError) as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
         if getattr(args, "workspace", None):
             (Path(args.workspace) / "status.json").write_text(json.dumps({"exit": 3, "reason": str(exc)}))

@@ -84,11 +84,17 @@ def read_case(site: str, case: Case) -> tuple[np.ndarray, np.ndarray]:
     """Image (float32) and label (int) arrays of one case, with their consistency checked."""
     img = _load(site, case.image, "image")
     lab = _load(site, case.label, "label")
+    if len(lab.shape) > 3 and any(d != 1 for d in lab.shape[3:]):
+        raise DataError(f"site '{site}': label file {case.label} has shape {lab.shape}; field 'shape' must be a 3D label map "
+                        "(one integer label per voxel), re-export it.")
     if img.shape[:3] != lab.shape[:3]:
         raise DataError(
             f"site '{site}': image {case.image} has shape {img.shape} but its label {case.label} has "
             f"shape {lab.shape}; field 'shape' must match, re-export the pair on the same grid."
         )
+    if not np.allclose(img.affine, lab.affine, atol=1e-3):
+        raise DataError(f"site '{site}': image {case.image} and its label {case.label} have different orientation or "
+                        "spacing (field 'affine'); re-export the pair on the same grid.")
     try:
         image = np.asarray(img.dataobj, dtype=np.float32)
     except (OSError, EOFError, ValueError, zlib.error) as exc:
@@ -114,6 +120,8 @@ def inspect_site(site: str, folder: Path) -> SiteSummary:
     Raises DataError naming the site and the file on the first problem.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"site '{site}': data path {folder} is a file, not a folder; point the site's 'data' at the folder holding imagesTr/ and labelsTr/.")
     if not folder.is_dir():
         raise DataError(f"site '{site}': data folder {folder} does not exist; fix the site's 'data' path in the federation spec.")
     train = list_cases(site, folder, "train")

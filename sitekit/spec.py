@@ -6,6 +6,7 @@ Every field is validated before anything starts. A wrong or missing field raises
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,8 +153,17 @@ class _Reader:
         return value
 
     def number(self, value: Any, where: str, positive: bool = True) -> float:
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = " (YAML reads 1e-3 as text: write 0.001 or 1.0e-3)"
+            except ValueError:
+                hint = ""
+            raise self.fail(where, f"must be a number, got {value!r}{hint}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise self.fail(where, f"must be a number, got {value!r}.")
+        if value != value or value in (float("inf"), float("-inf")) or abs(value) > 1e9:
+            raise self.fail(where, f"must be a finite number of sensible size, got {value!r}.")
         if positive and not value > 0:
             raise self.fail(where, f"must be greater than 0, got {value}.")
         return float(value)
@@ -171,6 +181,14 @@ class _Reader:
         return tuple(self.integer(v, f"{where}[{i}]", 1) for i, v in enumerate(value))
 
 
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 def load_spec(path: str | Path) -> FederationSpec:
     """Read and validate a federation spec; raise SpecError naming the file and field."""
     path = Path(path)
@@ -180,12 +198,17 @@ def load_spec(path: str | Path) -> FederationSpec:
         raise SpecError(f"{path}: the federation spec does not exist; pass the path of a YAML file.") from None
     except OSError as exc:
         raise SpecError(f"{path}: the federation spec cannot be read ({exc.strerror}).") from None
+    except UnicodeDecodeError:
+        # never echo the bytes: a wrong path can point at patient data
+        raise SpecError(f"{path}: the federation spec is not UTF-8 text; save it as UTF-8 YAML (is this the right file?).") from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+    if raw is None:
+        raise SpecError(f"{path}: the federation spec is empty; see federations/ixi-brain.yaml for an example.")
     return parse_spec(raw, path)
 
 
@@ -214,6 +237,8 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
     for s in model.strides:
         factor *= s
     for i, n in enumerate(input_size):
+        if n < 2 * factor or n > 512:
+            raise r.fail(f"task.input_size[{i}]", f"must be between {2 * factor} (twice the product of task.model.strides) and 512, got {n}.")
         if n % factor:
             raise r.fail(f"task.input_size[{i}]", f"must be divisible by {factor} (the product of task.model.strides), got {n}.")
     task = TaskSpec(
@@ -252,6 +277,9 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
     host = agg_raw.get("host", "localhost")
     if not isinstance(host, str) or not re.match(r"^[A-Za-z0-9.-]+$", host):
         raise r.fail("aggregator.host", f"must be a DNS name (the aggregator certificate carries it), got {host!r}.")
+    if _is_ip_address(host):
+        raise r.fail("aggregator.host", f"must be a DNS name, not an IP address ({host}): the aggregator's certificate "
+                     "carries a DNS name that sites verify; use e.g. localhost or aggregator.hospital.org.")
     agg = AggregatorSpec(host=host, port=r.integer(agg_raw.get("port", 50051), "aggregator.port", 1024, 65535))
 
     tls = top.get("tls", True)
@@ -276,6 +304,6 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
         algorithm=r.choice(top.get("algorithm", "fedavg"), "algorithm", ALGORITHMS),
         aggregator=agg,
         tls=tls,
-        seed=r.integer(top.get("seed", 0), "seed", 0),
+        seed=r.integer(top.get("seed", 0), "seed", 0, 2**31 - 1),
         timeouts=timeouts,
     )

@@ -36,6 +36,9 @@ def train_epoch(model, loader, optimizer, loss_fn) -> EpochResult:
     for image, mask in loader:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(image), mask)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {float(loss)} at step {steps + 1}; "
+                                     "lower 'learning_rate' in the federation spec")
         loss.backward()
         optimizer.step()
         total += float(loss.detach())

@@ -79,3 +79,42 @@ def test_site_without_test_cases(sites):
 def test_missing_folder(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         inspect_site("hospital-a", tmp_path / "nowhere")
+
+
+def test_label_on_another_grid(sites):
+    label = first(sites["hospital-a"], "labelsTs")
+    src = nib.load(str(label))
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), src.affine @ np.diag([3, 3, 3, 1])), str(label))
+    with pytest.raises(DataError, match="field 'affine'"):
+        inspect_site("hospital-a", sites["hospital-a"])
+
+
+def test_label_with_channels(sites):
+    label = first(sites["hospital-a"], "labelsTr")
+    src = nib.load(str(label))
+    data = np.asarray(src.dataobj)
+    nib.save(nib.Nifti1Image(np.stack([data, data], axis=-1), src.affine), str(label))
+    with pytest.raises(DataError, match="must be a 3D label map"):
+        inspect_site("hospital-a", sites["hospital-a"])
+
+
+def test_data_path_is_a_file(sites):
+    f = first(sites["hospital-a"], "imagesTr")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        inspect_site("hospital-a", f)
+
+
+def test_diverging_training_stops_with_advice(sites):
+    import torch
+
+    from sitekit.model import build_loss, build_model
+    from sitekit.spec import ModelSpec, TaskSpec
+    from sitekit.training import make_loader, train_epoch
+
+    task = TaskSpec(model=ModelSpec())
+    model = build_model(task, seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
+    data = SiteVolumes("hospital-a", sites["hospital-a"], "test", (32, 32, 32))
+    with pytest.raises(FloatingPointError, match="lower 'learning_rate'"):
+        for _ in range(2):
+            train_epoch(model, make_loader(data, 1, shuffle=False), opt, build_loss(task))

@@ -43,3 +43,14 @@ def test_garbage_request_is_refused(tmp_path):
     with pytest.raises(PKIError, match="not a PEM CSR"):
         sign_request(tmp_path / "ca", b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
                      "hospital-a", "site", tmp_path / "x.crt")
+
+
+def test_dotted_aggregator_host_keeps_its_whole_name(tmp_path):
+    """Regression: Path.with_suffix cut 'aggregator.hospital.org' to 'aggregator.hospital'."""
+    from sitekit.engine.openfl_adapter import participant_layout
+
+    for host in ("aggregator.hospital.org", "127.0.0.1"):
+        paths = participant_layout(tmp_path, "aggregator", host)
+        assert paths["key"].name == f"agg_{host}.key"
+        assert paths["cert"].name == f"agg_{host}.crt"
+        assert paths["csr"].name == f"agg_{host}.csr"

@@ -61,6 +61,12 @@ def test_minimal_spec_gets_tls_on_by_default(tmp_path):
     (lambda s: s.update(sites=[]), "sites", "non-empty list"),
     (lambda s: s.update(aggregator={"port": 80}), "aggregator.port", "at least 1024"),
     (lambda s: s.update(aggregator={"hostname": "x"}), "aggregator.hostname", "did you mean 'host'"),
+    (lambda s: s.update(learning_rate=float("inf")), "learning_rate", "finite"),
+    (lambda s: s.update(learning_rate="1e-3"), "learning_rate", "write 0.001"),
+    (lambda s: s.update(timeouts={"round_seconds": 1e300}), "timeouts.round_seconds", "finite"),
+    (lambda s: s.update(seed=2**64), "seed", "at most 2147483647"),
+    (lambda s: s.update(aggregator={"host": "127.0.0.1"}), "aggregator.host", "not an IP address"),
+    (lambda s: s["task"].update(input_size=[8, 8, 8]), "task.input_size[0]", "between 16"),
 ])
 def test_bad_field_names_file_and_field(tmp_path, mutate, field, words):
     spec = base(tmp_path)
@@ -84,3 +90,16 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
 def test_missing_spec_file(tmp_path):
     with pytest.raises(SpecError, match="does not exist"):
         load_spec(tmp_path / "nope.yaml")
+
+
+def test_binary_file_is_refused_without_echoing_it(tmp_path):
+    path = tmp_path / "scan.nii.gz"
+    path.write_bytes(b"\x1f\x8b\xff\xfe" + bytes(range(256)) * 4)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert "not UTF-8" in str(err.value) and len(str(err.value)) < 300
+
+
+def test_empty_spec(tmp_path):
+    with pytest.raises(SpecError, match="is empty"):
+        load_spec(write(tmp_path, ""))

@@ -165,13 +165,14 @@ def write_plan(spec: FederationSpec, folder: Path, site: str | None = None) -> P
 def participant_layout(folder: Path, role: str, name: str) -> dict[str, Path]:
     """Key, CSR, certificate and CA-chain paths where OpenFL looks for them in a participant folder."""
     if role == "site":
-        base = folder / "cert" / "client" / f"col_{name}"
+        d, stem = folder / "cert" / "client", f"col_{name}"
     elif role == "aggregator":
-        base = folder / "cert" / "server" / f"agg_{name.lower()}"
+        d, stem = folder / "cert" / "server", f"agg_{name.lower()}"
     else:
         raise ValueError(role)
-    return {"key": base.with_suffix(".key"), "csr": base.with_suffix(".csr"),
-            "cert": base.with_suffix(".crt"), "chain": folder / "cert" / "cert_chain.crt"}
+    # Appended, never Path.with_suffix: a host such as aggregator.hospital.org has dots of its own.
+    return {"key": d / f"{stem}.key", "csr": d / f"{stem}.csr", "cert": d / f"{stem}.crt",
+            "chain": folder / "cert" / "cert_chain.crt"}
 
 
 def initialize_model(spec: FederationSpec, folder: Path) -> Path:
