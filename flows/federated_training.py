@@ -25,10 +25,11 @@ import mlflow  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows import gate as gating  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
 from sitekit import pki  # noqa: E402
-from sitekit.data import DataError, SiteSummary  # noqa: E402
+from sitekit.data import DataError  # noqa: E402
 from sitekit.engine import openfl_adapter as engine  # noqa: E402
 from sitekit.spec import FederationSpec, SpecError, load_spec  # noqa: E402
 
@@ -48,7 +49,7 @@ def validate_spec(spec_path: str) -> FederationSpec:
 
 
 @task(name="check-site-data", cache_policy=NO_CACHE)
-def check_site_data(spec: FederationSpec) -> dict[str, SiteSummary]:
+def check_site_data(spec: FederationSpec) -> dict[str, dict]:
     """Every case readable and consistent at every site, checked by each site's own process.
 
     Only aggregate counts come back to the control plane; a problem comes back as the site's
@@ -56,7 +57,8 @@ def check_site_data(spec: FederationSpec) -> dict[str, SiteSummary]:
     """
     import subprocess
 
-    procs = {s.name: subprocess.Popen([sys.executable, *SITEKIT, "check-data", "--site", s.name, "--data", str(s.data)],
+    kind = ["--kind", spec.task.kind] + (["--dataset", spec.task.dataset] if spec.task.dataset else [])
+    procs = {s.name: subprocess.Popen([sys.executable, *SITEKIT, "check-data", "--site", s.name, "--data", str(s.data), *kind],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
              for s in spec.sites}
     summaries, problems = {}, []
@@ -73,9 +75,10 @@ def check_site_data(spec: FederationSpec) -> dict[str, SiteSummary]:
         elif proc.returncode != 0:
             problems.append(f"site '{name}': the data check crashed: {err.strip().splitlines()[-1] if err.strip() else proc.returncode}")
         else:
-            summaries[name] = SiteSummary(**json.loads(out.strip().splitlines()[-1]))
-            s = summaries[name]
-            print(f"site {name}: {s.train_cases} training / {s.test_cases} test cases, brain fraction {s.foreground_fraction:.3f}")
+            summaries[name] = s = json.loads(out.strip().splitlines()[-1])
+            extra = (f", brain fraction {s['foreground_fraction']:.3f}" if "foreground_fraction" in s else
+                     f", positive fraction {s['positive_fraction']:.3f}" if "positive_fraction" in s else "")
+            print(f"site {name}: {s['train_cases']} training / {s['test_cases']} test cases{extra}")
     if problems:
         raise DataError(problems[0] if len(problems) == 1 else " | ".join(problems))
     return summaries
@@ -163,7 +166,8 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     wall = ev["time"] - round_started.get(ev["round"], ev["time"])
                     train = max((v.get("train/train_seconds", 0.0) for v in ev["sites"].values()), default=0.0)
                     entry = {"round": ev["round"], "wall_seconds": wall, "train_seconds": train,
-                             "overhead_seconds": wall - train, "federation": ev["federation"], "sites": ev["sites"]}
+                             "overhead_seconds": wall - train, "federation": ev["federation"], "sites": ev["sites"],
+                             "server": ev.get("server", {})}
                     mlflow.log_metrics({"round/wall_seconds": wall, "round/train_seconds_slowest_site": train,
                                         "round/overhead_seconds": wall - train}, step=ev["round"] + 1)
                     history.append(entry)
@@ -199,10 +203,11 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
 
 def _print_round(spec: FederationSpec, entry: dict) -> None:
     fed, sites = entry["federation"], entry["sites"]
-    dice = fed.get("aggregated_model_validation/dice")
-    loss = fed.get("train/train_loss")
-    per_site = "  ".join(f"{s} {v.get('aggregated_model_validation/dice', float('nan')):.3f}" for s, v in sorted(sites.items()))
-    print(f"round {entry['round'] + 1}/{spec.rounds}: global-model Dice entering the round {dice:.3f} [{per_site}]"
+    key = f"aggregated_model_validation/{spec.task.metric}"
+    score = fed.get(key, float("nan"))
+    loss = fed.get("train/train_loss", float("nan"))
+    per_site = "  ".join(f"{s} {v.get(key, float('nan')):.3f}" for s, v in sorted(sites.items()))
+    print(f"round {entry['round'] + 1}/{spec.rounds}: global-model {spec.task.metric} entering the round {score:.3f} [{per_site}]"
           f"  mean train loss {loss:.3f}  ({entry['wall_seconds']:.1f} s)", flush=True)
 
 
@@ -231,22 +236,76 @@ def _print_job_progress(jobs) -> None:
 
 
 @task(name="evaluate-at-every-site", cache_policy=NO_CACHE)
-def evaluate_models(spec: FederationSpec, workspace: Path, models: dict[str, Path]) -> dict[str, dict[str, float]]:
-    """Every model scored on every site's held-out test cases, at the site; returns {site: {model: dice}}."""
+def evaluate_models(spec: FederationSpec, workspace: Path, models: dict[str, Path],
+                    own: dict[str, dict[str, Path]] | None = None) -> dict[str, dict[str, float]]:
+    """Every model scored on every site's held-out test cases, at the site; returns {site: {model: score}}.
+
+    ``own`` holds models a site evaluates for itself only (its personalised model), {site: {name: path}}."""
     with Supervisor() as sup:
         jobs = []
         for s in spec.sites:
             folder = workspace / "sites" / s.name
             (folder / "models").mkdir(exist_ok=True)
             args = [*SITEKIT, "evaluate", "--workspace", ".", "--out", "evaluation.json"]
-            for name, path in models.items():
+            for name, path in {**models, **(own or {}).get(s.name, {})}.items():
                 dst = folder / "models" / f"{name}.pt"
                 if path.resolve() != dst.resolve():
                     shutil.copyfile(path, dst)
                 args += ["--model", f"{name}=models/{name}.pt"]
             jobs.append(sup.start(s.name, "site-job", args, folder, env={"FEDWARD_TORCH_THREADS": "1"}))
         sup.wait_all(jobs, timeout=spec.timeouts.round_seconds, what="evaluation")
-    return {s.name: json.loads((workspace / "sites" / s.name / "evaluation.json").read_text())["dice"] for s in spec.sites}
+    return {s.name: json.loads((workspace / "sites" / s.name / "evaluation.json").read_text())["scores"] for s in spec.sites}
+
+
+@task(name="personalise-at-each-site", cache_policy=NO_CACHE)
+def personalise(spec: FederationSpec, workspace: Path, global_path: Path) -> dict[str, dict[str, Path]]:
+    """Each site fine-tunes the global model on its own data; the result stays at (and is scored by) that site."""
+    with Supervisor() as sup:
+        jobs = []
+        for s in spec.sites:
+            folder = workspace / "sites" / s.name
+            (folder / "models").mkdir(exist_ok=True)
+            shutil.copyfile(global_path, folder / "models" / "global.pt")
+            jobs.append(sup.start(s.name, "site-job", [*SITEKIT, "personalise", "--workspace", ".", "--model", "models/global.pt",
+                                                       "--epochs", str(spec.personalise_epochs)], folder,
+                                  env={"FEDWARD_TORCH_THREADS": "1"}))
+        sup.wait_all(jobs, timeout=spec.timeouts.round_seconds, what="personalisation")
+    return {s.name: {"personalised": workspace / "sites" / s.name / "personalised" / "model.pt"} for s in spec.sites}
+
+
+@task(name="train-pooled-baseline-simulation-only", cache_policy=NO_CACHE)
+def train_pooled(spec: FederationSpec, workspace: Path) -> Path:
+    """SIMULATION ONLY — impossible in production: all sites' training data in one process.
+
+    The upper reference a federation is compared with, trained with the federation's total
+    budget (the sum of the sites' local steps)."""
+    import torch
+
+    from sitekit.engine.openfl_adapter import site_settings
+    from sitekit.tasks import get_task
+    from sitekit.training import make_loader, make_optimizer, train_round
+
+    task = get_task(spec.task)
+    sets = [task.dataset(s.name, s.data, "train") for s in spec.sites]
+    steps = sum(json.loads((workspace / "sites" / s.name / "local" / "training.json").read_text())["steps"] for s in spec.sites)
+    pooled = torch.utils.data.ConcatDataset(sets)
+    model = task.build_model(seed=spec.seed)
+    settings = site_settings(workspace / "sites" / spec.sites[0].name)
+
+    def loaders():
+        k = 0
+        while True:
+            k += 1
+            yield make_loader(pooled, settings["batch_size"], shuffle=True, seed=spec.seed * 100003 + k)
+
+    per_round = max(1, steps // spec.rounds)
+    it = loaders()
+    for r in range(spec.rounds):
+        res = train_round(model, it, make_optimizer(model, spec.learning_rate), task.loss(), steps=per_round)
+        print(f"pooled baseline (simulation only): block {r + 1}/{spec.rounds}, loss {res.loss:.4f}", flush=True)
+    out = workspace / "models" / "pooled.pt"
+    torch.save(model.state_dict(), out)
+    return out
 
 
 def comparison_table(spec: FederationSpec, scores: dict[str, dict[str, float]]) -> dict[str, dict]:
@@ -263,39 +322,52 @@ def comparison_table(spec: FederationSpec, scores: dict[str, dict[str, float]]) 
     return table
 
 
-def format_table(table: dict[str, dict]) -> str:
-    lines = ["site          local-only Dice   global Dice   best single-site (model)     global >= best single site?"]
+def format_table(table: dict[str, dict], metric: str = "dice") -> str:
+    m = {"dice": "Dice", "accuracy": "acc."}.get(metric, metric)
+    lines = [f"site          local-only {m:<5}  global {m:<5}  best single-site (model)     global >= best single site?"]
     for site, r in table.items():
         lines.append(f"{site:<13} {r['local']:>15.4f} {r['global']:>13.4f}   {r['best_single_site']:.4f} ({r['best_single_site_model']:<12}) "
                      f"  {'yes' if r['global_beats_best_single_site'] else 'NO'}")
     return "\n".join(lines)
 
 
-def _print_table(table: dict[str, dict]) -> None:
+def _print_table(table: dict[str, dict], metric: str, rows: list[dict], decision) -> None:
     # Written straight to stdout (not through Prefect's log prefixes) so the columns line up;
-    # the Prefect UI gets the same table as a markdown artifact.
-    sys.stdout.write("\n" + format_table(table) + "\n\n")
+    # the Prefect UI gets the full table (every model at every site) as a markdown artifact.
+    extra = ""
+    if any(r.get("personalised") is not None or r.get("pooled") is not None for r in rows):
+        extra = "\n".join(f"{r['site']:<13} personalised {r['personalised'] if r['personalised'] is None else format(r['personalised'], '.4f')}"
+                          f"   pooled (simulation only) {r['pooled'] if r['pooled'] is None else format(r['pooled'], '.4f')}"
+                          for r in rows) + "\n"
+    sys.stdout.write("\n" + format_table(table, metric) + "\n" + extra +
+                     f"promotion gate ({decision.rule}, {decision.candidate}): {'PASSED' if decision.passed else 'REFUSED'} - {decision.reason}\n\n")
     sys.stdout.flush()
     from prefect.artifacts import create_markdown_artifact
 
-    rows = "\n".join(f"| {s} | {r['local']:.4f} | {r['global']:.4f} | {r['best_single_site']:.4f} ({r['best_single_site_model']}) | "
-                     f"{'yes' if r['global_beats_best_single_site'] else 'NO'} |" for s, r in table.items())
-    create_markdown_artifact(key="site-comparison", description="Dice per site: local-only vs global",
-                             markdown="| site | local-only Dice | global Dice | best single-site | global >= best? |\n"
-                                      "|---|---|---|---|---|\n" + rows)
+    create_markdown_artifact(key="site-comparison", description=f"{metric} per site: every model, and the promotion gate",
+                             markdown=gating.table_markdown(rows, decision))
 
 
 @task(name="register-global-model", cache_policy=NO_CACHE)
-def register_global_model(spec: FederationSpec, state_dict_path: Path) -> dict:
+def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=None) -> dict:
+    """Every run's global model becomes a model version (for review and audit); only a model that
+    passed the promotion gate gets the ``candidate`` alias. The version carries the gate's decision."""
     import monai
     import torch
 
-    from sitekit.model import build_model
+    from sitekit.tasks import get_task
 
-    model = build_model(spec.task)
-    model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    model = get_task(spec.task).build_model(seed=spec.seed)
+    state = model.state_dict()
+    state.update(torch.load(state_dict_path, map_location="cpu", weights_only=True))
+    model.load_state_dict(state)
     model.eval()
-    example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
+    if spec.task.kind == "tabular":
+        from sitekit.tabular import N_FEATURES
+
+        example = torch.zeros((1, N_FEATURES)).numpy()
+    else:
+        example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
     # "pickle" keeps the MONAI UNet an ordinary nn.Module (eval(), fine-tuning, any batch size);
     # MLflow's default "pt2" export would freeze it to the example's shape.
     info = mlflow.pytorch.log_model(
@@ -303,7 +375,19 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path) -> dict:
         serialization_format="pickle",
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"monai=={monai.__version__}", "nibabel"],
     )
-    return {"name": spec.name, "version": str(info.registered_model_version), "model_uri": info.model_uri}
+    version = str(info.registered_model_version)
+    if decision is not None:
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(spec.name, version, "fedward.gate", "passed" if decision.passed else "refused")
+        client.set_model_version_tag(spec.name, version, "fedward.gate.reason", decision.reason[:4900])
+        client.set_model_version_tag(spec.name, version, "fedward.algorithm", spec.algorithm)
+        if decision.passed:
+            client.set_registered_model_alias(spec.name, "candidate", version)
+            print(f"promotion gate passed: version {version} is now '{spec.name}@candidate'")
+        else:
+            print(f"promotion gate refused version {version}: {decision.reason}")
+    return {"name": spec.name, "version": version, "model_uri": info.model_uri,
+            "candidate": bool(decision.passed) if decision is not None else None}
 
 
 # --------------------------------------------------------------------------- the flow
@@ -327,11 +411,17 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             "federation": spec.name, "algorithm": spec.algorithm, "rounds": spec.rounds,
             "local_epochs": spec.local_epochs, "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
             "sites": ",".join(spec.site_names), "n_sites": len(spec.sites), "tls": spec.tls, "seed": spec.seed,
-            "model": spec.task.model.name, "channels": ",".join(map(str, spec.task.model.channels)),
-            "input_size": "x".join(map(str, spec.task.input_size)), "loss": spec.task.loss,
+            "task": spec.task.kind, "metric": spec.task.metric,
+            "model": spec.task.model.name, "loss": spec.task.loss,
+            **({"channels": ",".join(map(str, spec.task.model.channels)), "norm": spec.task.model.norm,
+                "input_size": "x".join(map(str, spec.task.input_size))} if spec.task.kind == "segmentation" else
+               {"dataset": spec.task.dataset}),
+            "local_steps": spec.local_steps, "personalise_epochs": spec.personalise_epochs, "gate": spec.gate,
+            "simulation": spec.simulation,
+            **{f"algorithm.{k}": v for k, v in spec.algorithm_params.items()},
             "plan_hash": engine.plan_hash(workspace / "aggregator"),
-            **{f"train_cases.{n}": s.train_cases for n, s in summaries.items()},
-            **{f"test_cases.{n}": s.test_cases for n, s in summaries.items()},
+            **{f"train_cases.{n}": s["train_cases"] for n, s in summaries.items()},
+            **{f"test_cases.{n}": s["test_cases"] for n, s in summaries.items()},
         })
         mlflow.log_artifact(str(spec.path), "federation")
         mlflow.log_artifact(str(workspace / "aggregator" / engine.PLAN), "openfl-plan")
@@ -349,29 +439,46 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         torch.save(state, global_path)
         print("federation finished; training local-only baselines with the same budget ...")
         local_paths = train_local_baselines(spec, workspace)
-        scores = evaluate_models(spec, workspace, {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}})
+        models = {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}}
+        if spec.simulation:
+            models["pooled"] = train_pooled(spec, workspace)
+        own = personalise(spec, workspace, global_path) if spec.personalise_epochs else None
+        scores = evaluate_models(spec, workspace, models, own)
+        metric = spec.task.metric
         table = comparison_table(spec, scores)
-        _print_table(table)
+        n_test = {n: s["test_cases"] for n, s in summaries.items()}
+        rows = gating.comparison_rows(scores, n_test)
+        decision = gating.decide(scores, n_test, rule=spec.gate,
+                                 candidate="personalised" if spec.personalise_epochs else "global")
+        _print_table(table, metric, rows, decision)
         for site, r in table.items():
-            mlflow.log_metrics({f"final/{site}/global_dice": r["global"], f"final/{site}/local_only_dice": r["local"],
-                                f"final/{site}/best_single_site_dice": r["best_single_site"]})
+            mlflow.log_metrics({f"final/{site}/global_{metric}": r["global"], f"final/{site}/local_only_{metric}": r["local"],
+                                f"final/{site}/best_single_site_{metric}": r["best_single_site"]})
+            for extra in ("personalised", "pooled"):
+                if extra in scores[site]:
+                    mlflow.log_metric(f"final/{site}/{extra}_{metric}", scores[site][extra])
             # the curve's last point: the registered model, after all rounds
-            mlflow.log_metric(f"site/{site}/global_model_dice", r["global"], step=spec.rounds)
-        n_test = {n: s.test_cases for n, s in summaries.items()}
-        mlflow.log_metric("federation/global_model_dice",
+            mlflow.log_metric(f"site/{site}/global_model_{metric}", r["global"], step=spec.rounds)
+        mlflow.log_metric(f"federation/global_model_{metric}",
                           sum(table[n]["global"] * n_test[n] for n in table) / sum(n_test.values()), step=spec.rounds)
-        mlflow.log_dict({"scores": scores, "table": table}, "comparison/scores.json")
-        mlflow.log_text(tracking.comparison_csv(table), "comparison/sites.csv")
-        mlflow.log_figure(tracking.comparison_figure(table), "comparison/sites.png")
+        mlflow.log_dict({"scores": scores, "table": table, "rows": rows}, "comparison/scores.json")
+        mlflow.log_text(gating.table_csv(rows), "comparison/sites.csv")
+        mlflow.log_figure(gating.table_figure(rows, metric, decision), "comparison/sites.png")
+        mlflow.log_text(gating.table_markdown(rows, decision), "comparison/sites.md")
+        mlflow.set_tags({"fedward.gate": "passed" if decision.passed else "refused", "fedward.gate.rule": decision.rule,
+                         "fedward.gate.candidate": decision.candidate, "fedward.gate.reason": decision.reason[:4900]})
         if result["history"]:
-            mlflow.log_figure(tracking.curves_figure(result["history"], {s: r["global"] for s, r in table.items()}),
+            mlflow.log_figure(tracking.curves_figure(result["history"], {s: r["global"] for s, r in table.items()}, metric),
                               "curves/learning_curves.png")
         mlflow.log_dict(result, "curves/rounds.json")
-        registered = register_global_model(spec, global_path)
+        registered = register_global_model(spec, global_path, decision)
         wall = time.time() - t0
         mlflow.log_metric("wall_seconds", wall)
         summary = {
-            "metric": "dice", "sites": table, "rounds": spec.rounds, "wall_seconds": round(wall, 1),
+            "metric": metric, "sites": table, "rounds": spec.rounds, "algorithm": spec.algorithm,
+            "gate": {"passed": decision.passed, "rule": decision.rule, "candidate": decision.candidate,
+                     "reason": decision.reason, "margins": decision.margins},
+            "scores": scores, "wall_seconds": round(wall, 1),
             "mlflow_run_id": run.info.run_id, "registered_model": {"name": registered["name"], "version": registered["version"]},
             "timing": result["timing"], "round_history": result["history"], "workspace": str(workspace),
         }

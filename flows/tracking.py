@@ -5,8 +5,6 @@ e.g. ``http://127.0.0.1:5000`` for an ``mlflow server``).
 """
 from __future__ import annotations
 
-import csv
-import io
 import os
 from pathlib import Path
 
@@ -63,18 +61,8 @@ def _clean(name: str) -> str:
                 .replace("train/", ""))
 
 
-def comparison_csv(table: dict[str, dict]) -> str:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["site", "local_only_dice", "global_dice", "best_single_site_dice", "best_single_site_model", "global_beats_best_single_site"])
-    for site, row in table.items():
-        w.writerow([site, f"{row['local']:.4f}", f"{row['global']:.4f}", f"{row['best_single_site']:.4f}",
-                    row["best_single_site_model"], row["global_beats_best_single_site"]])
-    return buf.getvalue()
-
-
-def curves_figure(history: list[dict], final: dict[str, float] | None = None):
-    """Learning curves per site: global-model Dice after r rounds (r = 0 .. N), and training loss."""
+def curves_figure(history: list[dict], final: dict[str, float] | None = None, metric: str = "dice"):
+    """Learning curves per site: the global model's metric after r rounds (r = 0 .. N), and training loss."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,12 +73,13 @@ def curves_figure(history: list[dict], final: dict[str, float] | None = None):
     for site in sites:
         rows = [h for h in history if site in h["sites"]]
         xs = [h["round"] for h in rows]
-        ys = [h["sites"][site].get("aggregated_model_validation/dice", float("nan")) for h in rows]
+        ys = [h["sites"][site].get(f"aggregated_model_validation/{metric}", float("nan")) for h in rows]
         if final and site in final:
             xs, ys = xs + [len(history)], ys + [final[site]]
         axes[0].plot(xs, ys, marker="o", label=site)
         axes[1].plot([h["round"] + 1 for h in rows], [h["sites"][site].get("train/train_loss", float("nan")) for h in rows], marker="o", label=site)
-    axes[0].set(title="Global model Dice on each site's test cases", xlabel="rounds completed", ylabel="Dice")
+    label = {"dice": "Dice", "accuracy": "accuracy"}.get(metric, metric)
+    axes[0].set(title=f"Global model {label} on each site's test cases", xlabel="rounds completed", ylabel=label)
     axes[1].set(title="Local training loss during the round", xlabel="round", ylabel="loss")
     from matplotlib.ticker import MaxNLocator
 
@@ -98,26 +87,5 @@ def curves_figure(history: list[dict], final: dict[str, float] | None = None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
-def comparison_figure(table: dict[str, dict]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    sites = list(table)
-    fig, ax = plt.subplots(figsize=(2 + 2 * len(sites), 4))
-    width = 0.27
-    for i, (key, label) in enumerate([("local", "local-only (own site)"), ("best_single_site", "best single-site model"), ("global", "global (federated)")]):
-        ax.bar([x + (i - 1) * width for x in range(len(sites))], [table[s][key] for s in sites], width, label=label)
-    ax.set_xticks(range(len(sites)), sites)
-    low = min(min(table[s][k] for k in ("local", "best_single_site", "global")) for s in sites)
-    ax.set_ylim(max(0.0, low - 0.05), 1.0)  # zoomed: the differences that matter are small
-    ax.set_ylabel("Dice on the site's held-out test cases")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize="small")
-    ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     return fig

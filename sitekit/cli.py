@@ -3,7 +3,8 @@
 - ``sitekit check-data``  check every case of this site's data; only aggregate counts are printed
 - ``sitekit keygen``      make this participant's private key (stays here) and certificate request
 - ``sitekit train-local`` train the local-only baseline on this site's data, same budget as a federated run
-- ``sitekit evaluate``    score models on this site's held-out test cases; only Dice numbers leave
+- ``sitekit personalise`` fine-tune the global model on this site's data (personalised model)
+- ``sitekit evaluate``    score models on this site's held-out test cases; only the scores leave
 
 Each command reads only the workspace folder it is given and the site's own data folder.
 """
@@ -20,12 +21,14 @@ from sitekit import __version__
 
 def cmd_check_data(args) -> int:
     """Check every case of this site's data; print only aggregate counts (JSON) on success."""
-    from dataclasses import asdict
+    from sitekit.spec import ModelSpec, TaskSpec
+    from sitekit.tasks import get_task
 
-    from sitekit.data import inspect_site
-
-    summary = inspect_site(args.site, Path(args.data))
-    print(json.dumps(asdict(summary)))
+    if args.kind == "tabular":
+        task = TaskSpec(model=ModelSpec(name="logreg"), kind="tabular", dataset=args.dataset)
+    else:
+        task = TaskSpec(model=ModelSpec())
+    print(json.dumps(get_task(task).inspect(args.site, Path(args.data))))
     return 0
 
 
@@ -45,37 +48,77 @@ def _site(folder: Path):
 
     from sitekit.engine.openfl_adapter import site_settings
 
+    from sitekit.tasks import get_task
+
     torch.set_num_threads(int(os.environ.get("FEDWARD_TORCH_THREADS", "1")))
-    return site_settings(folder)
+    s = site_settings(folder)
+    s["task_obj"] = get_task(s["task"])
+    return s
 
 
-def cmd_train_local(args) -> int:
-    """Local-only baseline: rounds x epochs-per-round epochs on this site's data alone."""
+def _save_state(model, out: Path) -> None:
     import torch
 
-    from sitekit.data import SiteVolumes
-    from sitekit.model import build_loss, build_model
-    from sitekit.training import make_loader, make_optimizer, train_epoch
-
-    folder = Path(args.workspace)
-    s = _site(folder)
-    train = SiteVolumes(s["site"], s["data"], "train", s["input_size"])
-    model = build_model(s["task"], seed=s["seed"])
-    opt = make_optimizer(model, s["learning_rate"])
-    loss_fn = build_loss(s["task"])
-    epochs = s["rounds"] * s["epochs_per_round"]
-    steps, history = 0, []
-    for epoch in range(epochs):
-        loader = make_loader(train, s["batch_size"], shuffle=True, seed=s["seed"] * 100003 + epoch + 1)
-        r = train_epoch(model, loader, opt, loss_fn)
-        steps += r.steps
-        history.append(r.loss)
-        print(f"[{s['site']}] local-only epoch {epoch + 1}/{epochs}: loss {r.loss:.4f}", flush=True)
-    out = folder / "local" / "model.pt"
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out.with_suffix(".tmp"))
     os.replace(out.with_suffix(".tmp"), out)
-    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "epochs": epochs, "loss": history}))
+
+
+def _train(s: dict, model, train, rounds: int, label: str, steps_per_round=None, epochs_per_round=None,
+           history: list | None = None) -> int:
+    """``rounds`` blocks of training with a fresh Adam each block, as a site trains inside a federation."""
+    from sitekit.training import make_loader, make_optimizer, train_round
+
+    loss_fn = s["task_obj"].loss()
+    steps = 0
+    epoch = [0]
+
+    def loaders():
+        while True:
+            epoch[0] += 1
+            yield make_loader(train, s["batch_size"], shuffle=True, seed=s["seed"] * 100003 + epoch[0])
+
+    it = loaders()
+    for r in range(rounds):
+        opt = make_optimizer(model, s["learning_rate"])
+        res = train_round(model, it, opt, loss_fn, epochs=epochs_per_round or s["epochs_per_round"],
+                          steps=steps_per_round if epochs_per_round is None else None)
+        steps += res.steps
+        if history is not None:
+            history.append(res.loss)
+        print(f"[{s['site']}] {label} epoch {r + 1}/{rounds}: loss {res.loss:.4f}", flush=True)
+    return steps
+
+
+def cmd_train_local(args) -> int:
+    """Local-only baseline: the federation's budget (rounds x local work per round) on this site's data alone."""
+    folder = Path(args.workspace)
+    s = _site(folder)
+    train = s["task_obj"].dataset(s["site"], s["data"], "train")
+    model = s["task_obj"].build_model(seed=s["seed"])
+    history: list[float] = []
+    steps = _train(s, model, train, s["rounds"], "local-only", steps_per_round=s["steps_per_round"], history=history)
+    _save_state(model, folder / "local" / "model.pt")
+    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "rounds": s["rounds"], "loss": history}))
+    return 0
+
+
+def cmd_personalise(args) -> int:
+    """Fine-tune the global model on this site's data for N epochs (FedBN: with this site's own norm layers)."""
+    import torch
+
+    from sitekit.engine.openfl_adapter import site_local_tensors
+
+    folder = Path(args.workspace)
+    s = _site(folder)
+    train = s["task_obj"].dataset(s["site"], s["data"], "train")
+    model = s["task_obj"].build_model(seed=s["seed"])
+    state = model.state_dict()
+    state.update(torch.load(args.model, map_location="cpu", weights_only=True))
+    state.update(site_local_tensors(folder))
+    model.load_state_dict(state)
+    _train(s, model, train, 1, "personalisation", epochs_per_round=args.epochs)
+    _save_state(model, folder / "personalised" / "model.pt")
     return 0
 
 
@@ -83,22 +126,26 @@ def cmd_evaluate(args) -> int:
     """Dice of each given model on this site's test cases, written to --out as JSON."""
     import torch
 
-    from sitekit.data import SiteVolumes
-    from sitekit.model import build_model
-    from sitekit.training import evaluate_dice
+    from sitekit.engine.openfl_adapter import site_local_tensors
 
     folder = Path(args.workspace)
     s = _site(folder)
-    test = SiteVolumes(s["site"], s["data"], "test", s["input_size"])
+    task = s["task_obj"]
+    test = task.dataset(s["site"], s["data"], "test")
+    own = site_local_tensors(folder)  # FedBN: this site's normalisation layers complete the shared model
     scores = {}
     for spec in args.model:
         name, path = spec.split("=", 1)
-        model = build_model(s["task"])
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        scores[name] = evaluate_dice(model, test)
-        print(f"[{s['site']}] {name}: Dice {scores[name]:.4f} on {len(test)} test cases", flush=True)
+        model = task.build_model(seed=s["seed"])
+        state = model.state_dict()
+        state.update(torch.load(path, map_location="cpu", weights_only=True))
+        if name == "global":
+            state.update(own)
+        model.load_state_dict(state)
+        scores[name] = task.evaluate(model, test)
+        print(f"[{s['site']}] {name}: {task.metric} {scores[name]:.4f} on {len(test)} test cases", flush=True)
     out = Path(args.out)
-    out.write_text(json.dumps({"site": s["site"], "test_cases": len(test), "dice": scores}))
+    out.write_text(json.dumps({"site": s["site"], "test_cases": len(test), "metric": task.metric, "scores": scores}))
     return 0
 
 
@@ -109,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("check-data", help="check this site's data folder; prints aggregate counts only")
     d.add_argument("--site", required=True)
     d.add_argument("--data", required=True)
+    d.add_argument("--kind", choices=["segmentation", "tabular"], default="segmentation")
+    d.add_argument("--dataset", default=None, help="tabular tasks: which dataset reader (heart-disease)")
     k = sub.add_parser("keygen", help="make this participant's key and certificate request")
     k.add_argument("--workspace", required=True)
     k.add_argument("--role", choices=["site", "aggregator"], required=True)
     k.add_argument("--name", required=True, help="site name, or the aggregator's host name")
     t = sub.add_parser("train-local", help="train this site's local-only baseline")
     t.add_argument("--workspace", required=True)
+    pz = sub.add_parser("personalise", help="fine-tune the global model on this site's data")
+    pz.add_argument("--workspace", required=True)
+    pz.add_argument("--model", required=True, help="path of the global model's state dict")
+    pz.add_argument("--epochs", type=int, required=True)
     e = sub.add_parser("evaluate", help="score models on this site's test cases")
     e.add_argument("--workspace", required=True)
     e.add_argument("--model", action="append", required=True, help="NAME=PATH of a state dict; repeatable")
@@ -124,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
-                "evaluate": cmd_evaluate}[args.cmd](args)
+                "personalise": cmd_personalise, "evaluate": cmd_evaluate}[args.cmd](args)
     except (DataError, FloatingPointError) as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
         if getattr(args, "workspace", None):

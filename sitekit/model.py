@@ -20,7 +20,9 @@ def build_model(task: TaskSpec, seed: int | None = None) -> torch.nn.Module:
         channels=tuple(m.channels),
         strides=tuple(m.strides),
         num_res_units=m.res_units,
-        norm="instance",  # per-volume statistics: no running stats to disagree between scanners
+        # instance: per-volume statistics, no parameters, no running stats to disagree between scanners;
+        # instance_affine / batch give the normalisation layers parameters (FedBN keeps those at each site).
+        norm={"instance": "instance", "instance_affine": ("instance", {"affine": True}), "batch": "batch"}[m.norm],
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,10 +15,23 @@ from typing import Any
 
 import yaml
 
-ALGORITHMS = ("fedavg",)
-LOSSES = ("dice", "dice_ce")
-METRICS = ("dice",)
-MODELS = ("unet3d",)
+ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedbn")
+# Each algorithm's settings and their defaults (see sitekit/algorithms/ for the update rules).
+ALGORITHM_SETTINGS: dict[str, dict[str, float]] = {
+    "fedavg": {},
+    "fedprox": {"mu": 0.01},
+    "scaffold": {"server_lr": 1.0, "local_lr": 0.01},  # SCAFFOLD's variates assume plain SGD steps
+    "fedadam": {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
+    "fedyogi": {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
+    "fedbn": {},
+}
+GATE_RULES = ("every_site", "weighted_mean")
+TASK_KINDS = ("segmentation", "tabular")
+DATASETS = ("heart-disease",)  # tabular datasets with a site reader in sitekit.tabular
+LOSSES = ("dice", "dice_ce", "bce")
+METRICS = ("dice", "accuracy")
+MODELS = ("unet3d", "logreg")
+NORMS = ("instance", "instance_affine", "batch")
 NORMALISATIONS = ("zscore",)
 LABELS = ("foreground",)  # brain mask = label > 0
 SITE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
@@ -34,11 +48,14 @@ class ModelSpec:
     channels: tuple[int, ...] = (8, 16, 32, 64)
     strides: tuple[int, ...] = (2, 2, 2)
     res_units: int = 1
+    norm: str = "instance"  # instance: no parameters; instance_affine / batch: learnable (FedBN keeps them local)
 
 
 @dataclass(frozen=True)
 class TaskSpec:
     model: ModelSpec
+    kind: str = "segmentation"
+    dataset: str | None = None  # tabular tasks: which site reader
     loss: str = "dice_ce"
     metric: str = "dice"
     input_size: tuple[int, int, int] = (64, 64, 64)
@@ -79,6 +96,11 @@ class FederationSpec:
     tls: bool = True
     seed: int = 0
     timeouts: Timeouts = field(default_factory=Timeouts)
+    algorithm_params: dict[str, float] = field(default_factory=dict)
+    local_steps: int | None = None  # if set, each round is this many optimiser steps instead of local_epochs
+    personalise_epochs: int = 0  # local fine-tuning after federation (0: none)
+    gate: str = "every_site"
+    simulation: bool = False  # all sites' data on this machine: the pooled baseline can be trained
 
     @property
     def site_names(self) -> list[str]:
@@ -110,12 +132,15 @@ class FederationSpec:
 # --------------------------------------------------------------------------- parsing
 
 _TOP = {
-    "name": True, "task": True, "sites": True, "rounds": True, "local_epochs": True,
+    "name": True, "task": True, "sites": True, "rounds": True, "local_epochs": False,
     "batch_size": True, "learning_rate": True, "algorithm": False, "aggregator": False,
-    "tls": False, "seed": False, "timeouts": False,
+    "tls": False, "seed": False, "timeouts": False, "local_steps": False, "personalise": False, "gate": False,
+    "simulation": False,
 }
-_TASK = {"model": True, "loss": False, "metric": False, "input_size": False, "preprocessing": False}
-_MODEL = {"name": True, "channels": False, "strides": False, "res_units": False}
+_TASK = {"model": True, "kind": False, "dataset": False, "loss": False, "metric": False, "input_size": False,
+         "preprocessing": False}
+_MODEL = {"name": True, "channels": False, "strides": False, "res_units": False, "norm": False}
+_PERSONALISE = {"epochs": True}
 _PRE = {"normalize": False, "label": False}
 _SITE = {"name": True, "data": True}
 _AGG = {"host": False, "port": False}
@@ -222,12 +247,40 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
         raise r.fail("name", f"must be 2-40 lowercase letters, digits or '-', starting with a letter, got {name!r}.")
 
     task_raw = r.mapping(top["task"], "task", _TASK)
+    kind = r.choice(task_raw.get("kind", "segmentation"), "task.kind", TASK_KINDS)
+    if kind == "tabular":
+        task = _tabular_task(r, task_raw)
+    else:
+        task = _segmentation_task(r, task_raw)
+    return _rest(r, top, path, task)
+
+
+def _tabular_task(r: "_Reader", task_raw: dict) -> TaskSpec:
+    model_raw = r.mapping(task_raw["model"], "task.model", {"name": True})
+    if model_raw["name"] != "logreg":
+        raise r.fail("task.model.name", f"must be logreg for a tabular task, got {model_raw['name']!r}.")
+    for key in ("input_size", "preprocessing"):
+        if key in task_raw:
+            raise r.fail(f"task.{key}", "applies to segmentation tasks only; remove it from this tabular task.")
+    return TaskSpec(
+        model=ModelSpec(name="logreg", channels=(), strides=(), res_units=0, norm="instance"),
+        kind="tabular", dataset=r.choice(task_raw.get("dataset"), "task.dataset", DATASETS),
+        loss=r.choice(task_raw.get("loss", "bce"), "task.loss", ("bce",)),
+        metric=r.choice(task_raw.get("metric", "accuracy"), "task.metric", ("accuracy",)),
+        input_size=(1, 1, 1), normalize="zscore", label="foreground",
+    )
+
+
+def _segmentation_task(r: "_Reader", task_raw: dict) -> TaskSpec:
+    if "dataset" in task_raw:
+        raise r.fail("task.dataset", "applies to tabular tasks only; a segmentation site's data folder is its dataset.")
     model_raw = r.mapping(task_raw["model"], "task.model", _MODEL)
     model = ModelSpec(
-        name=r.choice(model_raw["name"], "task.model.name", MODELS),
+        name=r.choice(model_raw["name"], "task.model.name", ("unet3d",)),
         channels=r.int_list(model_raw.get("channels", [8, 16, 32, 64]), "task.model.channels"),
         strides=r.int_list(model_raw.get("strides", [2, 2, 2]), "task.model.strides"),
         res_units=r.integer(model_raw.get("res_units", 1), "task.model.res_units", 0, 4),
+        norm=r.choice(model_raw.get("norm", "instance"), "task.model.norm", NORMS),
     )
     if len(model.strides) != len(model.channels) - 1:
         raise r.fail("task.model.strides", f"must have one entry fewer than task.model.channels ({len(model.channels) - 1}), got {len(model.strides)}.")
@@ -241,14 +294,40 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
             raise r.fail(f"task.input_size[{i}]", f"must be between {2 * factor} (twice the product of task.model.strides) and 512, got {n}.")
         if n % factor:
             raise r.fail(f"task.input_size[{i}]", f"must be divisible by {factor} (the product of task.model.strides), got {n}.")
-    task = TaskSpec(
+    return TaskSpec(
         model=model,
-        loss=r.choice(task_raw.get("loss", "dice_ce"), "task.loss", LOSSES),
-        metric=r.choice(task_raw.get("metric", "dice"), "task.metric", METRICS),
+        loss=r.choice(task_raw.get("loss", "dice_ce"), "task.loss", ("dice", "dice_ce")),
+        metric=r.choice(task_raw.get("metric", "dice"), "task.metric", ("dice",)),
         input_size=input_size,  # type: ignore[arg-type]
         normalize=r.choice(pre.get("normalize", "zscore"), "task.preprocessing.normalize", NORMALISATIONS),
         label=r.choice(pre.get("label", "foreground"), "task.preprocessing.label", LABELS),
     )
+
+
+def _algorithm(r: "_Reader", raw: Any) -> tuple[str, dict[str, float]]:
+    """``algorithm: fedprox`` or ``algorithm: {name: fedprox, mu: 0.1}``; settings default per algorithm."""
+    if isinstance(raw, dict):
+        name = r.choice(raw.get("name"), "algorithm.name", ALGORITHMS)
+        allowed = {"name": True, **{k: False for k in ALGORITHM_SETTINGS[name]}}
+        r.mapping(raw, "algorithm", allowed)
+        given = {k: v for k, v in raw.items() if k != "name"}
+    else:
+        name = r.choice(raw, "algorithm", ALGORITHMS)
+        given = {}
+    params = {}
+    for key, default in ALGORITHM_SETTINGS[name].items():
+        value = r.number(given.get(key, default), f"algorithm.{key}", positive=(key != "mu"))
+        if key == "mu" and value < 0:
+            raise r.fail("algorithm.mu", f"must be at least 0 (0 is FedAvg), got {value}.")
+        if key in ("beta1", "beta2") and not value < 1:
+            raise r.fail(f"algorithm.{key}", f"must be below 1, got {value}.")
+        params[key] = value
+    return name, params
+
+
+def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec:
+    base = path.resolve().parent
+    name = top["name"]
 
     sites_raw = top["sites"]
     if not isinstance(sites_raw, list) or not sites_raw:
@@ -264,8 +343,12 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
             raise r.fail(f"sites[{i}].name", f"repeats site '{sname}' (also sites[{seen_names[sname]}]); every site needs its own name.")
         seen_names[sname] = i
         if not isinstance(s["data"], str) or not s["data"].strip():
-            raise r.fail(f"sites[{i}].data", f"must be the path of site '{sname}''s data folder, got {s['data']!r}.")
-        data = Path(s["data"]).expanduser()
+            raise r.fail(f"sites[{i}].data", f"must be the path of site '{sname}''s data, got {s['data']!r}.")
+        raw_data = os.path.expandvars(s["data"])
+        if "$" in raw_data:
+            raise r.fail(f"sites[{i}].data", f"uses an environment variable that is not set ({s['data']}); "
+                         "set it (e.g. FEDWARD_DATA=../shared/data) or write the path out.")
+        data = Path(raw_data).expanduser()
         data = (base / data).resolve() if not data.is_absolute() else data.resolve()
         sites.append(SiteSpec(name=sname, data=data))
     for i, a in enumerate(sites):
@@ -292,16 +375,38 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
         round_seconds=r.number(t_raw.get("round_seconds", Timeouts.round_seconds), "timeouts.round_seconds"),
     )
 
+    algorithm, algorithm_params = _algorithm(r, top.get("algorithm", "fedavg"))
+    if algorithm == "fedbn" and (task.kind != "segmentation" or task.model.norm == "instance"):
+        raise r.fail("algorithm", "is fedbn, which keeps normalisation layers local, but this model has no learnable "
+                     "normalisation layers; set task.model.norm to instance_affine or batch, or choose another algorithm.")
+    local_steps = top.get("local_steps")
+    if local_steps is not None:
+        local_steps = r.integer(local_steps, "local_steps", 1, 100000)
+    if "local_epochs" not in top and local_steps is None:
+        raise r.fail("local_epochs", "is missing; add local_epochs (or local_steps) to say how much each site trains per round.")
+    personalise = 0
+    if top.get("personalise") is not None:
+        p = r.mapping(top["personalise"], "personalise", _PERSONALISE)
+        personalise = r.integer(p["epochs"], "personalise.epochs", 0, 1000)
+    simulation = top.get("simulation", False)
+    if not isinstance(simulation, bool):
+        raise r.fail("simulation", f"must be true or false, got {simulation!r}.")
+
     return FederationSpec(
         path=path.resolve(),
         name=name,
         task=task,
         sites=tuple(sites),
         rounds=r.integer(top["rounds"], "rounds", 1, 1000),
-        local_epochs=r.integer(top["local_epochs"], "local_epochs", 1, 1000),
+        local_epochs=r.integer(top.get("local_epochs", 1), "local_epochs", 1, 1000),
         batch_size=r.integer(top["batch_size"], "batch_size", 1, 1024),
         learning_rate=r.number(top["learning_rate"], "learning_rate"),
-        algorithm=r.choice(top.get("algorithm", "fedavg"), "algorithm", ALGORITHMS),
+        algorithm=algorithm,
+        algorithm_params=algorithm_params,
+        local_steps=local_steps,
+        personalise_epochs=personalise,
+        gate=r.choice(top.get("gate", "every_site"), "gate", GATE_RULES),
+        simulation=simulation,
         aggregator=agg,
         tls=tls,
         seed=r.integer(top.get("seed", 0), "seed", 0, 2**31 - 1),

@@ -37,3 +37,10 @@ def server_update(x_global: np.ndarray, c_server: np.ndarray, delta_y: list[np.n
     x = x_global + server_lr * np.mean(delta_y, axis=0)
     c = c_server + (len(delta_c) / n_sites) * np.mean(delta_c, axis=0)
     return x, c
+
+
+def server_variate_update(c_server: np.ndarray, delta_c: list[np.ndarray], n_sites: int) -> np.ndarray:
+    """c ← c + (|S| / N) * mean_i(Δc_i), the server half of :func:`server_update`."""
+    if not delta_c:
+        raise ValueError("need one Δc per reporting site")
+    return c_server + (len(delta_c) / n_sites) * np.mean(delta_c, axis=0)

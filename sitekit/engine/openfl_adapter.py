@@ -37,11 +37,14 @@ import numpy as np
 import torch
 import yaml
 
-from sitekit.data import DataError, SiteVolumes
-from sitekit.model import build_loss, build_model, dice_score
+from sitekit.algorithms import fedbn, scaffold
+from sitekit.algorithms.adaptive import AdaptiveServer
+from sitekit.algorithms.fedprox import ProximalTerm
+from sitekit.data import DataError
 from sitekit.netcheck import tls_probe
 from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
-from sitekit.training import make_loader, make_optimizer, train_epoch
+from sitekit.tasks import get_task
+from sitekit.training import make_loader, make_optimizer, train_round
 
 # OpenFL imports are deliberately confined to this module.
 from openfl.callbacks import Callback
@@ -49,6 +52,7 @@ from openfl.component.aggregator.aggregator import Aggregator
 from openfl.federated.data.loader import DataLoader
 from openfl.federated.plan import Plan
 from openfl.federated.task.runner_pt import PyTorchTaskRunner
+from openfl.interface.aggregation_functions import AggregationFunction
 from openfl.pipelines import NoCompressionPipeline
 from openfl.protocols import aggregator_pb2, aggregator_pb2_grpc, utils as proto_utils
 from openfl.transport.grpc.common import create_grpc_server, create_header, create_tls_channel
@@ -66,6 +70,9 @@ FINAL_MODEL = Path("save/final.pbuf")  # ours: the aggregate of the last round's
 EVENTS = Path("events.jsonl")
 STATUS = Path("status.json")
 MODEL_PREFIX = "model."  # the task runner holds the network as ``self.model``
+SCAFFOLD_PREFIX = "scaffold_c."  # SCAFFOLD: the server control variate travels beside the model
+SITE_STATE = Path("site_state")  # what a site keeps between rounds and across restarts (never sent)
+SERVER_STATE = Path("local_state/server")  # the aggregator's optimiser state, one file per round
 
 # Exit codes a participant uses so the supervisor can say what happened.
 EXIT_DATA = 3
@@ -78,8 +85,9 @@ EXIT_CRASH = 6
 
 def task_to_dict(task: TaskSpec) -> dict:
     return {
+        "kind": task.kind, "dataset": task.dataset,
         "model": {"name": task.model.name, "channels": list(task.model.channels),
-                  "strides": list(task.model.strides), "res_units": task.model.res_units},
+                  "strides": list(task.model.strides), "res_units": task.model.res_units, "norm": task.model.norm},
         "loss": task.loss, "metric": task.metric, "input_size": list(task.input_size),
         "normalize": task.normalize, "label": task.label,
     }
@@ -88,7 +96,8 @@ def task_to_dict(task: TaskSpec) -> dict:
 def task_from_dict(d: dict) -> TaskSpec:
     m = d["model"]
     return TaskSpec(
-        model=ModelSpec(m["name"], tuple(m["channels"]), tuple(m["strides"]), m["res_units"]),
+        model=ModelSpec(m["name"], tuple(m["channels"]), tuple(m["strides"]), m["res_units"], m.get("norm", "instance")),
+        kind=d.get("kind", "segmentation"), dataset=d.get("dataset"),
         loss=d["loss"], metric=d["metric"], input_size=tuple(d["input_size"]),
         normalize=d["normalize"], label=d["label"],
     )
@@ -114,11 +123,13 @@ def plan_config(spec: FederationSpec) -> dict:
         },
         "data_loader": {
             "template": "sitekit.engine.openfl_adapter.SiteDataLoader",
-            "settings": {"batch_size": spec.batch_size, "input_size": list(spec.task.input_size), "seed": spec.seed},
+            "settings": {"batch_size": spec.batch_size, "task": task_to_dict(spec.task), "seed": spec.seed},
         },
         "task_runner": {
-            "template": "sitekit.engine.openfl_adapter.SegmentationTaskRunner",
-            "settings": {"task": task_to_dict(spec.task), "learning_rate": spec.learning_rate, "seed": spec.seed},
+            "template": "sitekit.engine.openfl_adapter.FedwardTaskRunner",
+            "settings": {"task": task_to_dict(spec.task), "learning_rate": spec.learning_rate, "seed": spec.seed,
+                         "algorithm": spec.algorithm, "algorithm_params": dict(spec.algorithm_params),
+                         "local_steps": spec.local_steps},
         },
         "network": {
             "template": "openfl.federation.Network",
@@ -134,9 +145,13 @@ def plan_config(spec: FederationSpec) -> dict:
                 "aggregated_model_validation", "train", "locally_tuned_model_validation"]}]},
         },
         "tasks": {
-            "aggregated_model_validation": {"function": "validate_task", "kwargs": {"apply": "global", "metrics": ["dice"]}},
-            "locally_tuned_model_validation": {"function": "validate_task", "kwargs": {"apply": "local", "metrics": ["dice"]}},
-            "train": {"function": "train_task", "kwargs": {"metrics": ["loss"], "epochs": spec.local_epochs}},
+            "aggregated_model_validation": {"function": "validate_task", "kwargs": {"apply": "global", "metrics": [spec.task.metric]}},
+            "locally_tuned_model_validation": {"function": "validate_task", "kwargs": {"apply": "local", "metrics": [spec.task.metric]}},
+            "train": {"function": "train_task", "kwargs": {"metrics": ["loss"], "epochs": spec.local_epochs},
+                      "aggregation_type": {
+                          "template": "sitekit.engine.openfl_adapter.FedwardAggregation",
+                          "settings": {"algorithm": spec.algorithm, "params": dict(spec.algorithm_params),
+                                       "n_sites": len(spec.sites)}}},
         },
         "compression_pipeline": {"template": "openfl.pipelines.NoCompressionPipeline", "settings": {}},
     }
@@ -177,10 +192,11 @@ def participant_layout(folder: Path, role: str, name: str) -> dict[str, Path]:
 
 def initialize_model(spec: FederationSpec, folder: Path) -> Path:
     """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
-    runner = SegmentationTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate,
-                                    seed=spec.seed, data_loader=SiteDataLoader(data_path=None,
-                                    input_size=list(spec.task.input_size)))
-    tensors = runner.get_tensor_dict(with_opt_vars=False)
+    runner = FedwardTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate, seed=spec.seed,
+                               algorithm=spec.algorithm, algorithm_params=dict(spec.algorithm_params),
+                               data_loader=SiteDataLoader(data_path=None, task=task_to_dict(spec.task)))
+    # Tensors that stay at the sites (FedBN's normalisation layers) are not part of the shared model.
+    tensors = {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
     proto = proto_utils.construct_model_proto(tensors, 0, NoCompressionPipeline())
     (folder / INIT_MODEL).parent.mkdir(parents=True, exist_ok=True)
     proto_utils.dump_proto(proto, str(folder / INIT_MODEL))
@@ -188,7 +204,10 @@ def initialize_model(spec: FederationSpec, folder: Path) -> Path:
 
 
 def read_global_model(aggregator_folder: Path) -> tuple[dict[str, torch.Tensor], int]:
-    """The final aggregated model as a state dict for :func:`sitekit.model.build_model`, and its round."""
+    """The final aggregated model as a state dict for the task's model, and its round.
+
+    Only shared tensors: under FedBN the normalisation layers are each site's own (see
+    :func:`site_local_tensors`); SCAFFOLD's control variate is not part of the model."""
     proto = proto_utils.load_proto(str(aggregator_folder / FINAL_MODEL))
     tensors, round_number = proto_utils.deconstruct_model_proto(proto, NoCompressionPipeline())
     state = {k[len(MODEL_PREFIX):]: torch.from_numpy(np.array(v)) for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
@@ -204,10 +223,21 @@ def site_settings(folder: Path) -> dict:
     return {
         "site": name, "data": Path(data), "task": task_from_dict(runner["task"]),
         "learning_rate": float(runner["learning_rate"]), "seed": int(runner["seed"]),
-        "batch_size": int(loader["batch_size"]), "input_size": tuple(loader["input_size"]),
+        "batch_size": int(loader["batch_size"]),
         "epochs_per_round": int(plan["tasks"]["train"]["kwargs"]["epochs"]),
+        "steps_per_round": runner.get("local_steps"),
         "rounds": int(plan["aggregator"]["settings"]["rounds_to_train"]),
+        "algorithm": runner.get("algorithm", "fedavg"), "algorithm_params": runner.get("algorithm_params", {}),
     }
+
+
+def site_local_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """A site's own tensors that never leave it (FedBN's normalisation layers), as model state-dict entries."""
+    path = folder / SITE_STATE / "fedbn.pt"
+    if not path.exists():
+        return {}
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return {k[len(MODEL_PREFIX):]: v for k, v in saved["tensors"].items()}
 
 
 def plan_hash(folder: Path) -> str:
@@ -221,21 +251,21 @@ def plan_hash(folder: Path) -> str:
 class SiteDataLoader(DataLoader):
     """Serves one site's preprocessed volumes to OpenFL; reads only the folder in data.yaml."""
 
-    def __init__(self, data_path=None, batch_size=2, input_size=(64, 64, 64), seed=0, **kwargs):
+    def __init__(self, data_path=None, batch_size=2, task=None, seed=0, **kwargs):
         super().__init__(**kwargs)
         self.batch_size = batch_size
-        self.input_size = tuple(input_size)
         self.seed = seed
         self._epochs = 0
         self.train_set = self.test_set = None
         if data_path is None:  # building the model only
             return
         site = os.environ.get("FEDWARD_SITE", Path(data_path).name)
-        self.train_set = SiteVolumes(site, Path(data_path), "train", self.input_size)
-        self.test_set = SiteVolumes(site, Path(data_path), "test", self.input_size)
+        t = get_task(task_from_dict(task))
+        self.train_set = t.dataset(site, Path(data_path), "train")
+        self.test_set = t.dataset(site, Path(data_path), "test")
 
     def get_feature_shape(self):
-        return [1, *self.input_size]
+        return [1]
 
     def get_train_loader(self, **kwargs):
         self._epochs += 1
@@ -251,46 +281,245 @@ class SiteDataLoader(DataLoader):
         return len(self.test_set)
 
 
-class SegmentationTaskRunner(PyTorchTaskRunner):
-    """OpenFL's view of a site's training: delegates to :mod:`sitekit.training`."""
+class FedwardTaskRunner(PyTorchTaskRunner):
+    """OpenFL's view of a site's training: delegates to :mod:`sitekit.training` and the algorithms.
 
-    def __init__(self, task: dict, learning_rate: float, seed: int = 0, **kwargs):
+    - fedprox: the proximal term anchored at the round's global model;
+    - scaffold: local SGD steps corrected by (c - c_i); the site's own variate c_i lives in
+      ``site_state/scaffold.pt`` (survives a restart) and only Δc_i is sent, as ``scaffold_c.*``;
+    - fedbn: normalisation tensors are held out (never sent) and kept in ``site_state/fedbn.pt``.
+    """
+
+    def __init__(self, task: dict, learning_rate: float, seed: int = 0, algorithm: str = "fedavg",
+                 algorithm_params: dict | None = None, local_steps: int | None = None, **kwargs):
         super().__init__(device="cpu", **kwargs)
-        self.task_spec = task_from_dict(task)
-        self.model = build_model(self.task_spec, seed=seed)
-        self.loss_fn = build_loss(self.task_spec)
+        self.task = get_task(task_from_dict(task))
+        self.model = self.task.build_model(seed=seed)
+        self.loss_fn = self.task.loss()
+        self.algorithm = algorithm
+        self.params = dict(algorithm_params or {})
+        self.local_steps = local_steps
         self.learning_rate = learning_rate
-        self.optimizer = make_optimizer(self.model, learning_rate)
+        self.optimizer_kind = "sgd" if algorithm == "scaffold" else "adam"
+        self.optimizer = self._new_optimizer()
         self._train_seconds = 0.0
+        self._round = 0
+        self._epochs = 1
+        self.site_local_names: set[str] = set()
+        if algorithm == "scaffold":
+            import copy
+
+            self.scaffold_c = copy.deepcopy(self.model)  # same shapes as the model: the server variate c
+            for p in self.scaffold_c.parameters():
+                p.requires_grad_(False)
+                p.zero_()
+        if algorithm == "fedbn":
+            self.site_local_names = {MODEL_PREFIX + n for n in fedbn.local_tensor_names(self.model)}
+            self.tensor_dict_split_fn_kwargs["holdout_tensor_names"] = [
+                *self.tensor_dict_split_fn_kwargs.get("holdout_tensor_names", []), *sorted(self.site_local_names)]
+
+    def _new_optimizer(self):
+        lr = self.params.get("local_lr", self.learning_rate) if self.optimizer_kind == "sgd" else self.learning_rate
+        return make_optimizer(self.model, lr, self.optimizer_kind)
 
     def forward(self, x):
         return self.model(x)
 
     def reset_opt_vars(self):
-        self.optimizer = make_optimizer(self.model, self.learning_rate)
+        self.optimizer = self._new_optimizer()
 
-    def train_(self, train_dataloader) -> Metric:
-        result = train_epoch(self.model, train_dataloader, self.optimizer, self.loss_fn)
-        self._train_seconds += result.seconds
-        return Metric(name="train_loss", value=np.array(result.loss))
+    # -- tensors: what is shared, what stays ---------------------------------------------------
 
-    def train_task(self, col_name, round_num, input_tensor_dict, **kwargs):
+    def initialize_tensorkeys_for_functions(self, with_opt_vars=False):
+        super().initialize_tensorkeys_for_functions(with_opt_vars)
+        if self.site_local_names:  # the site fills these itself (set_tensor_dict); never ask for them
+            req = self.required_tensorkeys_for_function
+            req["train_task"] = [k for k in req["train_task"] if k[0] not in self.site_local_names]
+            req["validate_task"]["apply=global"] = [k for k in req["validate_task"]["apply=global"]
+                                                    if k[0] not in self.site_local_names]
+
+    def set_tensor_dict(self, tensor_dict, with_opt_vars=False):
+        own = self._load_site_local()
+        state = self.state_dict()
+        new = {}
+        for k, current in state.items():
+            if k in self.site_local_names and k in own:
+                new[k] = own[k]
+            elif k in tensor_dict:
+                new[k] = torch.as_tensor(np.array(tensor_dict[k])).to(current.dtype)
+            else:
+                new[k] = current
+        self.load_state_dict(new)
+
+    def _load_site_local(self) -> dict[str, torch.Tensor]:
+        path = SITE_STATE / "fedbn.pt"
+        if not self.site_local_names or not path.exists():
+            return {}
+        return torch.load(path, map_location="cpu", weights_only=True)["tensors"]
+
+    def _save(self, name: str, obj) -> None:
+        SITE_STATE.mkdir(exist_ok=True)
+        tmp = SITE_STATE / f".{name}.tmp"
+        torch.save(obj, tmp)
+        os.replace(tmp, SITE_STATE / name)
+
+    # -- training -----------------------------------------------------------------------------
+
+    def train_task(self, col_name, round_num, input_tensor_dict, epochs=1, **kwargs):
         self._train_seconds = 0.0
-        global_out, local_out = super().train_task(col_name, round_num, input_tensor_dict, **kwargs)
+        self._round, self._epochs = int(round_num), int(epochs)
+        # OpenFL calls train_() once per epoch; ours does the whole round (epochs or steps) in one call.
+        global_out, local_out = super().train_task(col_name, round_num, input_tensor_dict, epochs=1, **kwargs)
         # Reported alongside the loss so the control plane can split round time into training vs overhead.
         global_out[TensorKey("train_seconds", col_name, round_num, True, ("metric",))] = np.array(self._train_seconds)
+        if self.site_local_names:
+            self._save("fedbn.pt", {"round": self._round, "tensors": {
+                k: v.detach().clone() for k, v in self.state_dict().items() if k in self.site_local_names}})
         return global_out, local_out
+
+    def _loaders(self, first):
+        yield first
+        while True:
+            yield self.data_loader.get_train_loader()
+
+    def train_(self, train_dataloader) -> Metric:
+        params = list(self.model.parameters())
+        x_global = [p.detach().clone() for p in params]
+        prox = ProximalTerm(self.model, self.params["mu"]) if self.algorithm == "fedprox" else None
+        correction = c_site = None
+        if self.algorithm == "scaffold":
+            c_server = [p.detach().clone() for p in self.scaffold_c.parameters()]
+            c_site = self._scaffold_site_variate(c_server)
+            correction = [c - ci for c, ci in zip(c_server, c_site)]
+        result = train_round(self.model, self._loaders(train_dataloader), self.optimizer, self.loss_fn,
+                             epochs=self._epochs, steps=self.local_steps, prox=prox, correction=correction)
+        self._train_seconds += result.seconds
+        if self.algorithm == "scaffold":
+            lr = self.params["local_lr"]
+            new_c = [torch.from_numpy(scaffold.site_variate_update(ci.numpy(), c.numpy(), x.numpy(), p.detach().numpy(),
+                                                                   result.steps, lr))
+                     for ci, c, x, p in zip(c_site, c_server, x_global, params)]
+            # Kept with its round: if this round is trained again after a restart, it starts from c_i, not c_i⁺.
+            self._save("scaffold.pt", {"round": self._round, "before": c_site, "after": new_c})
+            with torch.no_grad():  # what leaves the site: Δc_i = c_i⁺ − c_i
+                for dst, a, b in zip(self.scaffold_c.parameters(), new_c, c_site):
+                    dst.copy_(a - b)
+        return Metric(name="train_loss", value=np.array(result.loss))
+
+    def _scaffold_site_variate(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
+        path = SITE_STATE / "scaffold.pt"
+        if not path.exists():
+            return [torch.zeros_like(t) for t in like]
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return saved["before"] if int(saved["round"]) >= self._round else saved["after"]
 
     def validate_(self, validation_dataloader) -> Metric:
         self.model.eval()
-        scores = []
         with torch.no_grad():
-            for image, mask in validation_dataloader:
-                scores.append(dice_score(self.model(image), mask))
-        return Metric(name="dice", value=np.array(float(torch.cat(scores).mean())))
+            scores = [self.task.score(self.model(x), y) for x, y in validation_dataloader]
+        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).mean())))
+
+
+SegmentationTaskRunner = FedwardTaskRunner  # the name plans written before the algorithms work used
 
 
 # --------------------------------------------------------------------------- aggregator side
+
+class FedwardAggregation(AggregationFunction):
+    """The server half of every algorithm, called by OpenFL once per shared tensor per round.
+
+    fedavg / fedprox / fedbn: case-weighted mean (FedBN's local tensors never arrive);
+    scaffold: model x ← x + η_g (mean(y) − x); variate c ← c + (|S|/N) mean(Δc_i);
+    fedadam / fedyogi: :class:`~sitekit.algorithms.adaptive.AdaptiveServer` on the mean.
+
+    Its state (the last global value of each tensor, the adaptive moments) is written per round
+    under ``local_state/server/`` by :class:`FedwardAggregator` and reloaded after a restart.
+    """
+
+    def __init__(self, algorithm: str = "fedavg", params: dict | None = None, n_sites: int = 1):
+        super().__init__()
+        self.algorithm, self.params, self.n_sites = algorithm, dict(params or {}), int(n_sites)
+        self.current: dict[str, np.ndarray] = {}  # the global value this function last produced, per tensor
+        self.rounds_aggregated = 0
+        self._last_round = None
+        self.adaptive = None
+        if algorithm in ("fedadam", "fedyogi"):
+            p = self.params
+            self.adaptive = AdaptiveServer("adam" if algorithm == "fedadam" else "yogi", lr=p["server_lr"],
+                                           beta1=p["beta1"], beta2=p["beta2"], tau=p["tau"])
+
+    def _global_now(self, name, db_iterator, fl_round):
+        if name in self.current:
+            return self.current[name]
+        for record in db_iterator:  # round 0: the initial model
+            tags = record["tags"]
+            if record["tensor_name"] == name and record["round"] == fl_round and "trained" not in tags \
+                    and "delta" not in tags and ("model" in tags or "aggregated" in tags):
+                return np.array(record["nparray"])
+        raise KeyError(f"no global value of tensor {name} for round {fl_round}")
+
+    def call(self, local_tensors, db_iterator, tensor_name, fl_round, tags):
+        if self._last_round != fl_round:
+            self._last_round = fl_round
+            self.rounds_aggregated += 1
+        values = [np.asarray(t.tensor, dtype=np.float64) for t in local_tensors]
+        weights = np.array([t.weight for t in local_tensors], dtype=np.float64)
+        mean = sum(w * v for w, v in zip(weights / weights.sum(), values))
+        dtype = np.asarray(local_tensors[0].tensor).dtype
+        if not np.issubdtype(dtype, np.floating):
+            out = np.rint(mean)
+        elif tensor_name.startswith(SCAFFOLD_PREFIX):
+            c = np.asarray(self._global_now(tensor_name, db_iterator, fl_round), dtype=np.float64)
+            out = scaffold.server_variate_update(c, values, self.n_sites)
+        elif self.algorithm == "scaffold":
+            x = np.asarray(self._global_now(tensor_name, db_iterator, fl_round), dtype=np.float64)
+            out = x + self.params["server_lr"] * (mean - x)
+        elif self.adaptive is not None:
+            x = self._global_now(tensor_name, db_iterator, fl_round)
+            out = self.adaptive.step(tensor_name, x, mean)
+        else:
+            out = mean
+        out = np.asarray(out).astype(dtype)
+        self.current[tensor_name] = out
+        return out
+
+    # -- state that must survive an aggregator restart --------------------------------------------
+
+    def save(self, folder: Path, round_number: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        arrays = {f"x/{k}": v for k, v in self.current.items()}
+        if self.adaptive is not None:
+            arrays.update({f"opt/{k}": v for k, v in self.adaptive.state().items()})
+        arrays["meta/rounds_aggregated"] = np.array(self.rounds_aggregated)
+        tmp = folder / f".round-{round_number}.npz"
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, folder / f"round-{round_number}.npz")
+        for old in folder.glob("round-*.npz"):  # keep this round and the one before
+            if int(old.stem.split("-")[1]) < round_number - 1:
+                old.unlink()
+
+    def load(self, folder: Path, round_number: int) -> None:
+        path = folder / f"round-{round_number}.npz"
+        if not path.exists():
+            raise RuntimeError(f"the aggregator is resuming after round {round_number + 1} but its {self.algorithm} "
+                               f"server state ({path}) is missing; start the federation again rather than reset it")
+        with np.load(path) as z:
+            self.current = {k[2:]: z[k] for k in z.files if k.startswith("x/")}
+            if self.adaptive is not None:
+                self.adaptive.load({k[4:]: z[k] for k in z.files if k.startswith("opt/")})
+            self.rounds_aggregated = int(z["meta/rounds_aggregated"])
+        self._last_round = round_number
+
+    def summary(self) -> dict:
+        out = {"rounds_aggregated": self.rounds_aggregated}
+        if self.adaptive is not None and self.adaptive.v:
+            out["adaptive_v_mean"] = float(np.mean([np.mean(v) for v in self.adaptive.v.values()]))
+        c = [v for k, v in self.current.items() if k.startswith(SCAFFOLD_PREFIX)]
+        if c:
+            out["scaffold_c_norm"] = float(np.sqrt(sum(float(np.sum(np.square(v))) for v in c)))
+        return out
+
 
 class EventLog:
     """Append-only JSON lines the control plane tails for progress (never raises)."""
@@ -325,7 +554,8 @@ class _RoundEvents(Callback):
                     federation[name] = m["metric_value"]
                 else:
                     sites.setdefault(m["metric_origin"], {})[name] = m["metric_value"]
-            self.agg.events.emit("round_end", round=int(round_num), federation=federation, sites=sites)
+            self.agg.events.emit("round_end", round=int(round_num), federation=federation, sites=sites,
+                                 server=self.agg.aggregation.summary())
         except Exception:
             log.exception("round-end bookkeeping failed")
 
@@ -351,8 +581,31 @@ class FedwardAggregator(Aggregator):
         self.long_poll_seconds = long_poll_seconds
         self._progress = threading.Condition()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _RoundEvents(self)]
+        self.aggregation = kwargs["assigner"].get_aggregation_type_for_task("train")
+        # OpenFL replays a half-finished round while it recovers (inside its __init__), so the
+        # algorithm's server state must be back before that: read the last committed round first.
+        committed = self._committed_round(kwargs.get("persistent_db_path"))
+        if committed is not None:
+            self.aggregation.load(SERVER_STATE, committed)
         super().__init__(**kwargs)
-        self.events.emit("started", round=int(self.round_number), rounds=int(self.rounds_to_train))
+        self.events.emit("started", round=int(self.round_number), rounds=int(self.rounds_to_train),
+                         resumed=committed is not None, server=self.aggregation.summary())
+
+    @staticmethod
+    def _committed_round(db_path) -> int | None:
+        if not db_path or not Path(db_path).exists():
+            return None
+        from openfl.databases.persistent_db import PersistentTensorDB
+
+        db = PersistentTensorDB(db_path)
+        if not db.load_tensors(db.get_tensors_table_name()):
+            return None
+        return int(db.get_round_and_best_score()[0])
+
+    def _save_model(self, round_number, file_path):
+        if file_path == self.last_state_path:  # the round is being committed: commit ours with it
+            self.aggregation.save(SERVER_STATE, int(round_number))
+        return super()._save_model(round_number, file_path)
 
     def get_tasks(self, collaborator_name):
         # Instead of telling an idle site to sleep 10 s, wait (bounded) for the round to move on.

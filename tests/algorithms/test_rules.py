@@ -71,3 +71,9 @@ def test_fedbn_keeps_normalisation_layers_local():
     merged = fedbn.merge_global(site, glob, local)
     assert all(torch.equal(merged[k], site[k]) for k in local)
     assert all(torch.equal(merged[k], glob[k]) for k in merged if k not in local)
+
+
+def test_scaffold_server_variate_counts_only_reporting_sites():
+    c = np.array([1.0, 1.0])
+    out = scaffold.server_variate_update(c, [np.array([2.0, 0.0]), np.array([0.0, 4.0])], n_sites=4)
+    np.testing.assert_allclose(out, [1.0 + 0.5 * 1.0, 1.0 + 0.5 * 2.0])  # (2/4) * mean

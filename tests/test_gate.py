@@ -1,0 +1,214 @@
+"""The promotion gate: a federated model that loses to the best single-site model is never promoted."""
+import csv
+import io
+
+import pytest
+
+from flows.gate import RULES, GateDecision, comparison_rows, decide, table_csv, table_figure, table_markdown
+
+SITES = ("hospital-a", "hospital-b", "hospital-c")
+CASES = {"hospital-a": 20, "hospital-b": 10, "hospital-c": 30}
+
+
+def scores_where(global_: dict[str, float], **extra: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Local-only models: local-c is the best single site everywhere except at hospital-a (local-a)."""
+    local = {
+        "hospital-a": {"local-hospital-a": 0.930, "local-hospital-b": 0.850, "local-hospital-c": 0.920},
+        "hospital-b": {"local-hospital-a": 0.900, "local-hospital-b": 0.930, "local-hospital-c": 0.941},
+        "hospital-c": {"local-hospital-a": 0.880, "local-hospital-b": 0.860, "local-hospital-c": 0.950},
+    }
+    out = {s: {**local[s], "global": global_[s]} for s in SITES}
+    for model, per_site in extra.items():
+        for s, v in per_site.items():
+            out[s][model] = v
+    return out
+
+
+GOOD = {"hospital-a": 0.940, "hospital-b": 0.945, "hospital-c": 0.955}
+LOSES_ON_B = {"hospital-a": 0.940, "hospital-b": 0.912, "hospital-c": 0.955}
+
+
+def test_every_site_passes_when_global_beats_the_best_single_site_everywhere():
+    d = decide(scores_where(GOOD), CASES)
+    assert isinstance(d, GateDecision)
+    assert (d.passed, d.rule, d.candidate) == (True, "every_site", "global")
+    assert d.reason.startswith("passed")
+    assert d.margins == pytest.approx({"hospital-a": 0.010, "hospital-b": 0.004, "hospital-c": 0.005})
+    assert "smallest margin +0.004 on site 'hospital-b'" in d.reason
+
+
+def test_every_site_refuses_and_names_the_one_losing_site_and_both_numbers():
+    d = decide(scores_where(LOSES_ON_B), CASES)
+    assert not d.passed
+    assert d.reason == ("refused: on site 'hospital-b' the global model scores 0.912 < 0.941 for the local-only model "
+                        "of 'hospital-c' (best single site there)")
+    assert "hospital-a" not in d.reason
+    assert d.margins["hospital-b"] == pytest.approx(-0.029)
+    assert d.margins["hospital-a"] > 0 and d.margins["hospital-c"] > 0
+
+
+def test_every_site_names_every_losing_site():
+    d = decide(scores_where({**LOSES_ON_B, "hospital-a": 0.901}), CASES)
+    assert not d.passed
+    assert "on site 'hospital-a' the global model scores 0.901 < 0.930 for the local-only model of 'hospital-a'" in d.reason
+    assert "on site 'hospital-b' the global model scores 0.912 < 0.941" in d.reason
+    assert "hospital-c' the global" not in d.reason
+
+
+def test_weighted_mean_passes_where_every_site_fails():
+    # Each site's own model wins at home, but neither single-site model generalises: the federated
+    # model beats each of them as ONE model, while losing to the per-site maximum everywhere.
+    scores = {
+        "a": {"local-a": 0.90, "local-b": 0.70, "global": 0.85},
+        "b": {"local-a": 0.70, "local-b": 0.90, "global": 0.85},
+    }
+    cases = {"a": 10, "b": 10}
+    every = decide(scores, cases, rule="every_site")
+    mean = decide(scores, cases, rule="weighted_mean")
+    assert not every.passed and "'a'" in every.reason and "'b'" in every.reason
+    assert mean.passed and mean.rule == "weighted_mean"
+    assert mean.margins["weighted_mean"] == pytest.approx(0.05)
+    assert mean.margins["a"] == pytest.approx(-0.05) and mean.margins["b"] == pytest.approx(-0.05)
+    assert "0.850 >= 0.800" in mean.reason
+    assert "loses to the best single-site model on site(s) 'a', 'b'" in mean.reason
+
+
+def test_weighted_mean_weights_by_test_cases():
+    # Unweighted, global (0.875) beats local-a (0.725); weighted 90:10 it does not (0.815 < 0.825).
+    scores = {
+        "big": {"local-big": 0.85, "local-small": 0.60, "global": 0.80},
+        "small": {"local-big": 0.60, "local-small": 0.90, "global": 0.95},
+    }
+    assert decide(scores, {"big": 10, "small": 10}, rule="weighted_mean").passed
+    d = decide(scores, {"big": 90, "small": 10}, rule="weighted_mean")
+    assert not d.passed
+    assert "the global model scores 0.815 < 0.825 for the local-only model of 'big'" in d.reason
+    assert d.margins["weighted_mean"] == pytest.approx(-0.01)
+
+
+def test_tolerance():
+    scores = scores_where({**GOOD, "hospital-b": 0.936})  # 0.005 below local-c's 0.941
+    assert not decide(scores, CASES).passed
+    assert not decide(scores, CASES, tolerance=0.004).passed
+    d = decide(scores, CASES, tolerance=0.005)  # exactly at the edge still passes
+    assert d.passed and "tolerance 0.005" in d.reason
+    assert d.margins["hospital-b"] == pytest.approx(-0.005)  # margins ignore the tolerance
+    with pytest.raises(ValueError, match="tolerance"):
+        decide(scores, CASES, tolerance=-0.01)
+
+
+def test_weighted_mean_tolerance():
+    scores = {"a": {"local-a": 0.90, "global": 0.89}}
+    assert not decide(scores, {"a": 5}, rule="weighted_mean").passed
+    assert decide(scores, {"a": 5}, rule="weighted_mean", tolerance=0.01).passed
+
+
+def test_personalised_candidate_uses_each_sites_own_personalised_score():
+    scores = scores_where(LOSES_ON_B, personalised={"hospital-a": 0.931, "hospital-b": 0.950, "hospital-c": 0.951})
+    assert not decide(scores, CASES).passed
+    d = decide(scores, CASES, candidate="personalised")
+    assert d.passed and d.candidate == "personalised"
+    assert d.margins == pytest.approx({"hospital-a": 0.001, "hospital-b": 0.009, "hospital-c": 0.001})
+    scores["hospital-c"]["personalised"] = 0.940
+    d = decide(scores, CASES, candidate="personalised")
+    assert not d.passed
+    assert "on site 'hospital-c' the personalised model scores 0.940 < 0.950" in d.reason
+    assert decide(scores, CASES, rule="weighted_mean", candidate="personalised").candidate == "personalised"
+
+
+@pytest.mark.parametrize("site, model, candidate", [
+    ("hospital-b", "local-hospital-c", "global"),
+    ("hospital-c", "global", "global"),
+    ("hospital-a", "personalised", "personalised"),
+])
+def test_missing_score_is_an_error_naming_site_and_model(site, model, candidate):
+    scores = scores_where(GOOD, personalised={"hospital-a": 0.95, "hospital-b": 0.95, "hospital-c": 0.96})
+    del scores[site][model]
+    for rule in RULES:
+        with pytest.raises(ValueError, match=rf"'{model}'.*'{site}'"):
+            decide(scores, CASES, rule=rule, candidate=candidate)
+
+
+def test_bad_inputs_are_errors():
+    with pytest.raises(ValueError, match="every_site, weighted_mean"):
+        decide(scores_where(GOOD), CASES, rule="best_of")
+    with pytest.raises(ValueError, match="candidate"):
+        decide(scores_where(GOOD), CASES, candidate="pooled")
+    with pytest.raises(ValueError, match="test-case count.*'hospital-c'"):
+        decide(scores_where(GOOD), {"hospital-a": 20, "hospital-b": 10})
+    with pytest.raises(ValueError, match="no scores.*'hospital-d'"):
+        decide(scores_where(GOOD), {**CASES, "hospital-d": 5})
+    with pytest.raises(ValueError, match="positive"):
+        decide(scores_where(GOOD), {**CASES, "hospital-b": 0})
+    with pytest.raises(ValueError, match="finite"):
+        decide(scores_where({**GOOD, "hospital-a": float("nan")}), CASES)
+
+
+def test_comparison_rows():
+    rows = comparison_rows(scores_where(GOOD, pooled={"hospital-a": 0.96, "hospital-b": 0.95, "hospital-c": 0.97}), CASES)
+    assert [r["site"] for r in rows] == list(SITES)
+    b = rows[1]
+    assert list(b) == ["site", "test_cases", "local-hospital-a", "local-hospital-b", "local-hospital-c",
+                       "best_single_site", "best_single_site_model", "global", "personalised", "pooled"]
+    assert b["test_cases"] == 10
+    assert (b["best_single_site"], b["best_single_site_model"]) == (0.941, "local-hospital-c")
+    assert rows[0]["best_single_site_model"] == "local-hospital-a"
+    assert b["global"] == 0.945 and b["personalised"] is None and b["pooled"] == 0.95
+
+
+def test_csv_round_trip():
+    scores = scores_where(GOOD, personalised={"hospital-a": 0.93114})
+    rows = comparison_rows(scores, CASES)
+    parsed = list(csv.DictReader(io.StringIO(table_csv(rows))))
+    assert len(parsed) == 3
+    assert list(parsed[0]) == list(rows[0])
+    for row, back in zip(rows, parsed):
+        assert back["site"] == row["site"] and int(back["test_cases"]) == row["test_cases"]
+        assert back["best_single_site_model"] == row["best_single_site_model"]
+        for key in ("local-hospital-a", "local-hospital-b", "local-hospital-c", "best_single_site", "global"):
+            assert float(back[key]) == pytest.approx(row[key], abs=5e-5)
+        assert back["pooled"] == ""
+    assert parsed[0]["personalised"] == "0.9311" and parsed[1]["personalised"] == ""
+    assert parsed[0]["global"] == "0.9400"
+
+
+def test_markdown_ends_with_the_decision():
+    scores = scores_where(LOSES_ON_B)
+    rows = comparison_rows(scores, CASES)
+    d = decide(scores, CASES)
+    md = table_markdown(rows, d)
+    lines = md.splitlines()
+    assert lines[0].startswith("| site | test cases | local-hospital-a |")
+    assert "| hospital-b | 10 |" in md and "0.9410 (local-hospital-c)" in md and "-0.0290" in md
+    assert "personalised" not in lines[0] and "pooled" not in lines[0]
+    assert "REFUSED" in lines[-1] and d.reason in lines[-1]
+    ok = table_markdown(rows, decide(scores_where(GOOD), CASES))
+    assert "PASSED" in ok.splitlines()[-1]
+
+
+def test_figure_has_one_bar_group_per_site_and_saves_png(tmp_path):
+    from matplotlib.patches import Rectangle
+
+    scores = scores_where(GOOD, personalised={"hospital-a": 0.95, "hospital-b": 0.95, "hospital-c": 0.96},
+                          pooled={"hospital-a": 0.96, "hospital-b": 0.95, "hospital-c": 0.97})
+    rows = comparison_rows(scores, CASES)
+    d = decide(scores, CASES)
+    fig = table_figure(rows, "Dice", d)
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == list(SITES)
+    # 3 local models + global + personalised + pooled, for each of 3 sites
+    bars = [p for p in ax.patches if isinstance(p, Rectangle)]
+    assert len(bars) == 6 * 3
+    assert "PASSED" in ax.get_title() and "every_site" in ax.get_title()
+    assert "best single site" in [t.get_text() for t in ax.get_legend().get_texts()]
+    out = tmp_path / "comparison.png"
+    fig.savefig(out)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figure_without_optional_models():
+    scores = scores_where(LOSES_ON_B)
+    fig = table_figure(comparison_rows(scores, CASES), "accuracy", decide(scores, CASES))
+    ax = fig.axes[0]
+    assert len(ax.patches) == 4 * 3
+    assert "REFUSED" in ax.get_title() and "accuracy" in ax.get_ylabel()
