@@ -38,7 +38,8 @@ import torch
 import yaml
 
 from sitekit.algorithms import fedbn, scaffold
-from sitekit.algorithms.adaptive import AdaptiveServer
+from sitekit.algorithms.fedadam import FedAdam
+from sitekit.algorithms.fedyogi import FedYogi
 from sitekit.algorithms.fedprox import ProximalTerm
 from sitekit.data import DataError
 from sitekit.netcheck import tls_probe
@@ -430,7 +431,7 @@ class FedwardAggregation(AggregationFunction):
 
     fedavg / fedprox / fedbn: case-weighted mean (FedBN's local tensors never arrive);
     scaffold: model x ← x + η_g (mean(y) − x); variate c ← c + (|S|/N) mean(Δc_i);
-    fedadam / fedyogi: :class:`~sitekit.algorithms.adaptive.AdaptiveServer` on the mean.
+    fedadam / fedyogi: :class:`~sitekit.algorithms.fedadam.FedAdam` / :class:`~sitekit.algorithms.fedyogi.FedYogi` on the mean.
 
     Its state (the last global value of each tensor, the adaptive moments) is written per round
     under ``local_state/server/`` by :class:`FedwardAggregator` and reloaded after a restart.
@@ -445,8 +446,8 @@ class FedwardAggregation(AggregationFunction):
         self.adaptive = None
         if algorithm in ("fedadam", "fedyogi"):
             p = self.params
-            self.adaptive = AdaptiveServer("adam" if algorithm == "fedadam" else "yogi", lr=p["server_lr"],
-                                           beta1=p["beta1"], beta2=p["beta2"], tau=p["tau"])
+            self.adaptive = (FedAdam if algorithm == "fedadam" else FedYogi)(
+                lr=p["server_lr"], beta1=p["beta1"], beta2=p["beta2"], tau=p["tau"])
 
     def _global_now(self, name, db_iterator, fl_round):
         if name in self.current:
