@@ -58,6 +58,8 @@ def check_site_data(spec: FederationSpec) -> dict[str, dict]:
     import subprocess
 
     kind = ["--kind", spec.task.kind] + (["--dataset", spec.task.dataset] if spec.task.dataset else [])
+    if spec.task.kind == "tabular" and spec.task.standardise == "federated":
+        kind.append("--feature-sums")
     procs = {s.name: subprocess.Popen([sys.executable, *SITEKIT, "check-data", "--site", s.name, "--data", str(s.data), *kind],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
              for s in spec.sites}
@@ -82,6 +84,24 @@ def check_site_data(spec: FederationSpec) -> dict[str, dict]:
     if problems:
         raise DataError(problems[0] if len(problems) == 1 else " | ".join(problems))
     return summaries
+
+
+@task(name="federated-feature-statistics", cache_policy=NO_CACHE)
+def federated_statistics(spec: FederationSpec, summaries: dict[str, dict]) -> FederationSpec:
+    """One standardisation for every site from the sites' counts, sums and sums of squares.
+
+    Each site's share is an aggregate over its training cases; no row leaves a site. The result
+    (mean and std per feature, the same as the pooled statistics) goes into the plan."""
+    import dataclasses
+
+    from sitekit.tabular import federated_standardisation
+
+    mean, std = federated_standardisation([summaries[s]["feature_sums"] for s in spec.site_names])
+    for s in summaries.values():
+        s.pop("feature_sums", None)
+    print(f"federated standardisation from {len(spec.sites)} sites' feature sums "
+          f"({sum(v['train_cases'] for v in summaries.values())} training cases)")
+    return dataclasses.replace(spec, task=dataclasses.replace(spec.task, feature_stats=(tuple(mean), tuple(std))))
 
 
 @task(name="check-aggregator-port", cache_policy=NO_CACHE)
@@ -398,6 +418,8 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     t0 = time.time()  # wall clock: compared with the participants' event times
     spec = validate_spec(spec_path)
     summaries = check_site_data(spec)
+    if spec.task.kind == "tabular" and spec.task.standardise == "federated":
+        spec = federated_statistics(spec, summaries)
     check_port_free(spec)
     work = Path(workdir) if workdir else tracking.fedward_home() / "runs"
     tracking.configure(f"fedward/{spec.name}")
@@ -415,7 +437,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             "model": spec.task.model.name, "loss": spec.task.loss,
             **({"channels": ",".join(map(str, spec.task.model.channels)), "norm": spec.task.model.norm,
                 "input_size": "x".join(map(str, spec.task.input_size))} if spec.task.kind == "segmentation" else
-               {"dataset": spec.task.dataset}),
+               {"dataset": spec.task.dataset, "standardise": spec.task.standardise}),
             "local_steps": spec.local_steps, "personalise_epochs": spec.personalise_epochs, "gate": spec.gate,
             "simulation": spec.simulation,
             **{f"algorithm.{k}": v for k, v in spec.algorithm_params.items()},
@@ -424,6 +446,11 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             **{f"test_cases.{n}": s["test_cases"] for n, s in summaries.items()},
         })
         mlflow.log_artifact(str(spec.path), "federation")
+        if spec.task.feature_stats is not None:  # a user of the registered model needs its input scale
+            from sitekit.tabular import FEATURE_NAMES
+
+            mlflow.log_dict({"features": list(FEATURE_NAMES), "mean": list(spec.task.feature_stats[0]),
+                             "std": list(spec.task.feature_stats[1])}, "federation/feature_standardisation.json")
         mlflow.log_artifact(str(workspace / "aggregator" / engine.PLAN), "openfl-plan")
         mlflow.log_artifact(str(workspace / "aggregator" / engine.COLS), "openfl-plan")
         print(f"MLflow run {run.info.run_id} at {mlflow.get_tracking_uri()}")

@@ -28,7 +28,11 @@ def cmd_check_data(args) -> int:
         task = TaskSpec(model=ModelSpec(name="logreg"), kind="tabular", dataset=args.dataset)
     else:
         task = TaskSpec(model=ModelSpec())
-    print(json.dumps(get_task(task).inspect(args.site, Path(args.data))))
+    t = get_task(task)
+    out = t.inspect(args.site, Path(args.data))
+    if args.feature_sums:  # the site's share of a federated standardisation (aggregates only)
+        out["feature_sums"] = t.feature_sums(args.site, Path(args.data))
+    print(json.dumps(out))
     return 0
 
 
@@ -158,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--data", required=True)
     d.add_argument("--kind", choices=["segmentation", "tabular"], default="segmentation")
     d.add_argument("--dataset", default=None, help="tabular tasks: which dataset reader (heart-disease)")
+    d.add_argument("--feature-sums", action="store_true",
+                   help="tabular tasks: also print this site's count, feature sums and sums of squares")
     k = sub.add_parser("keygen", help="make this participant's key and certificate request")
     k.add_argument("--workspace", required=True)
     k.add_argument("--role", choices=["site", "aggregator"], required=True)

@@ -61,6 +61,10 @@ class TaskSpec:
     input_size: tuple[int, int, int] = (64, 64, 64)
     normalize: str = "zscore"
     label: str = "foreground"
+    # tabular: "site" (each site's own training statistics, FLamby's protocol) or "federated"
+    # (one scale from the sites' feature sums; the flow fills feature_stats = (mean, std) before the plan)
+    standardise: str = "site"
+    feature_stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ _TOP = {
     "simulation": False,
 }
 _TASK = {"model": True, "kind": False, "dataset": False, "loss": False, "metric": False, "input_size": False,
-         "preprocessing": False}
+         "preprocessing": False, "standardise": False}
+STANDARDISE = ("site", "federated")
 _MODEL = {"name": True, "channels": False, "strides": False, "res_units": False, "norm": False}
 _PERSONALISE = {"epochs": True}
 _PRE = {"normalize": False, "label": False}
@@ -268,12 +273,15 @@ def _tabular_task(r: "_Reader", task_raw: dict) -> TaskSpec:
         loss=r.choice(task_raw.get("loss", "bce"), "task.loss", ("bce",)),
         metric=r.choice(task_raw.get("metric", "accuracy"), "task.metric", ("accuracy",)),
         input_size=(1, 1, 1), normalize="zscore", label="foreground",
+        standardise=r.choice(task_raw.get("standardise", "site"), "task.standardise", STANDARDISE),
     )
 
 
 def _segmentation_task(r: "_Reader", task_raw: dict) -> TaskSpec:
     if "dataset" in task_raw:
         raise r.fail("task.dataset", "applies to tabular tasks only; a segmentation site's data folder is its dataset.")
+    if "standardise" in task_raw:
+        raise r.fail("task.standardise", "applies to tabular tasks only; images are normalised by task.preprocessing.normalize.")
     model_raw = r.mapping(task_raw["model"], "task.model", _MODEL)
     model = ModelSpec(
         name=r.choice(model_raw["name"], "task.model.name", ("unet3d",)),

@@ -14,19 +14,24 @@ The split follows FLamby's Fed-Heart-Disease protocol (owkin/FLamby,
   shuffle=True)``, stratified on the target when both classes have more than 2 cases.
   On the four UCI files this gives 199 + 172 + 30 + 85 = 486 training cases, as in FLamby.
 
-Two deliberate differences from FLamby, so that nothing is ever pooled across sites:
+Where this differs from FLamby:
 
-* FLamby one-hot encodes cp and restecg with ``pd.get_dummies`` on the pooled table, which
-  (because pandas reads some files' columns as strings and others as floats) yields 16 inputs
-  with restecg split by dtype. Here every value is parsed as a float and a fixed codebook is used
-  at every site: cp -> cp_2, cp_3, cp_4 and restecg -> restecg_1, restecg_2, so 13 features
-  (:data:`FEATURE_NAMES`).
-* FLamby feeds raw values to the model. Here features are standardised with the site's OWN
-  training-set mean and standard deviation (a constant column keeps std 1), applied to that
-  site's train and test sets; ``standardise=False`` gives the raw features.
+* FLamby one-hot encodes cp and restecg with ``pd.get_dummies`` on the pooled table. Here every
+  value is parsed as a float and a fixed codebook is used at every site, so nothing is pooled:
+  cp -> cp_2, cp_3, cp_4 and restecg -> restecg_1, restecg_2, the same 13 features
+  (:data:`FEATURE_NAMES`) as FLamby's current code.
+* Standardisation, ``standardise=``:
+  - ``"site"`` (FLamby's federated protocol): each site uses its OWN training-set mean and
+    standard deviation (population std; a constant column keeps std 1 where FLamby divides by
+    1e-9), applied to its train and test sets;
+  - ``(mean, std)``: one scale for every site, e.g. from :func:`federated_standardisation`
+    over the sites' :func:`feature_sums` (a federated statistic: each site shares only its
+    count, per-feature sum and sum of squares). FLamby trains its pooled baseline this way but
+    tests it on per-site standardised data;
+  - ``False``: the raw features.
 
-Everything here runs inside the site's own process; only aggregate counts
-(:func:`inspect_site`) are meant to leave it. Error messages name line numbers and column
+Everything here runs inside the site's own process; only aggregates (:func:`inspect_site`,
+:func:`feature_sums`) are meant to leave it. Error messages name line numbers and column
 names, never a patient's values.
 """
 from __future__ import annotations
@@ -209,23 +214,33 @@ def _load(site: str, path: Path, seed_split: int) -> _Site:
     return _Site(file, _encode(table), labels.astype(np.float32), np.sort(train), np.sort(test), dropped)
 
 
-def read_site(site: str, path: Path, seed_split: int = 43, standardise: bool = True) -> TabularSplit:
+def _site_scale(x_train: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x_train.mean(axis=0)
+    std = x_train.std(axis=0)
+    constant = x_train.max(axis=0) == x_train.min(axis=0)
+    return mean, np.where(constant, 1.0, std)
+
+
+def read_site(site: str, path: Path, seed_split: int = 43, standardise=True) -> TabularSplit:
     """The site's train/test arrays under the FLamby protocol (see the module docstring).
 
     ``path`` is the site's ``.data`` file or a folder holding exactly one ``*.data`` file.
+    ``standardise``: ``True`` or ``"site"`` (the site's own training statistics), a
+    ``(mean, std)`` pair of 13 values each (one scale for the federation), or ``False`` (raw).
     Raises :class:`DataError` (one sentence: site, file, field, what to do) on unusable input.
     Note: a site can end up with a single class in its training set (the UCI Switzerland file
     does: all 30 training cases are diseased); that is FLamby's protocol and is not an error.
     """
     s = _load(site, path, seed_split)
     x_train, x_test = s.x[s.train], s.x[s.test]
-    if standardise:
-        mean = x_train.mean(axis=0)
-        std = x_train.std(axis=0)
-        constant = x_train.max(axis=0) == x_train.min(axis=0)
-        std = np.where(constant, 1.0, std)
-    else:
+    if standardise is True or standardise == "site":
+        mean, std = _site_scale(x_train)
+    elif standardise is False or standardise is None:
         mean, std = np.zeros(N_FEATURES), np.ones(N_FEATURES)
+    else:
+        mean, std = (np.asarray(v, dtype=np.float64).reshape(-1) for v in standardise)
+        if mean.shape != (N_FEATURES,) or std.shape != (N_FEATURES,) or not (std > 0).all():
+            raise ValueError(f"standardise must give {N_FEATURES} means and {N_FEATURES} positive stds")
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
     return TabularSplit(
         x_train=f32((x_train - mean) / std),
@@ -235,6 +250,38 @@ def read_site(site: str, path: Path, seed_split: int = 43, standardise: bool = T
         mean=f32(mean),
         std=f32(std),
     )
+
+
+MIN_CASES_FOR_SUMS = 10  # a sum over fewer patients says too much about each of them
+
+
+def feature_sums(site: str, path: Path) -> dict:
+    """The site's share of a federated standardisation: count, per-feature sum and sum of squares
+    of its raw training features. Aggregates only; refused below :data:`MIN_CASES_FOR_SUMS` cases."""
+    s = _load(site, path, 43)
+    x = s.x[s.train]
+    if len(x) < MIN_CASES_FOR_SUMS:
+        raise DataError(f"site '{site}': file {s.file} has {len(x)} training cases, too few to share feature sums "
+                        f"(at least {MIN_CASES_FOR_SUMS}); set task.standardise to site for this federation or add cases.")
+    return {"n": int(len(x)), "sum": [float(v) for v in x.sum(axis=0)],
+            "sum_sq": [float(v) for v in (x * x).sum(axis=0)]}
+
+
+def federated_standardisation(shares: list[dict]) -> tuple[list[float], list[float]]:
+    """One mean and (population) std per feature from the sites' :func:`feature_sums`.
+
+    Equal to the statistics of the pooled training data, computed without pooling any row.
+    A feature constant across the federation keeps std 1."""
+    if not shares:
+        raise ValueError("no site shares to combine")
+    n = sum(int(s["n"]) for s in shares)
+    total = np.sum([np.asarray(s["sum"], dtype=np.float64) for s in shares], axis=0)
+    total_sq = np.sum([np.asarray(s["sum_sq"], dtype=np.float64) for s in shares], axis=0)
+    mean = total / n
+    var = np.maximum(total_sq / n - mean * mean, 0.0)
+    std = np.sqrt(var)
+    std = np.where(std > 1e-12 * np.maximum(1.0, np.abs(mean)), std, 1.0)
+    return [float(v) for v in mean], [float(v) for v in std]
 
 
 def inspect_site(site: str, path: Path) -> dict:
@@ -253,16 +300,16 @@ def inspect_site(site: str, path: Path) -> dict:
 
 
 class TabularSet(torch.utils.data.Dataset):
-    """One split of a site, standardised with the site's training statistics.
+    """One split of a site, standardised as ``standardise`` says (see :func:`read_site`).
 
     Items are ``(x, y)``: x float32 [13], y float32 [1].
     """
 
-    def __init__(self, site: str, path: Path, split: str):
+    def __init__(self, site: str, path: Path, split: str, standardise="site"):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test', not {split!r}")
         self.site, self.split = site, split
-        data = read_site(site, path)
+        data = read_site(site, path, standardise=standardise)
         x, y = (data.x_train, data.y_train) if split == "train" else (data.x_test, data.y_test)
         self.x = torch.from_numpy(x)
         self.y = torch.from_numpy(y).reshape(-1, 1)

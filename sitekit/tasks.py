@@ -40,10 +40,24 @@ class Task:
         if self.spec.kind == "tabular":
             from sitekit import tabular
 
-            return tabular.TabularSet(site, Path(path), split)
+            return tabular.TabularSet(site, Path(path), split, standardise=self._tabular_scale())
         from sitekit.data import SiteVolumes
 
         return SiteVolumes(site, Path(path), split, tuple(self.spec.input_size))
+
+    def _tabular_scale(self):
+        if self.spec.standardise == "site":
+            return "site"
+        if self.spec.feature_stats is None:
+            raise RuntimeError("task.standardise is federated but no federated statistics were computed; "
+                               "the federated-training flow computes them from the sites' feature sums before the plan")
+        return self.spec.feature_stats
+
+    def feature_sums(self, site: str, path: Path) -> dict:
+        """Tabular, federated standardisation: this site's count, sums and sums of squares (aggregates only)."""
+        from sitekit import tabular
+
+        return tabular.feature_sums(site, Path(path))
 
     def build_model(self, seed: int | None = None) -> torch.nn.Module:
         if self.spec.kind == "tabular":

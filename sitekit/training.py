@@ -10,8 +10,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sitekit.model import dice_score
-
 
 @dataclass
 class EpochResult:
@@ -87,6 +85,8 @@ def train_epoch(model, loader, optimizer, loss_fn) -> EpochResult:
 @torch.no_grad()
 def evaluate_dice(model, dataset, batch_size: int = 2) -> float:
     """Mean per-case brain-mask Dice over a dataset."""
+    from sitekit.model import dice_score  # MONAI is heavy to import: only segmentation needs it
+
     model.eval()
     scores = []
     for image, mask in torch.utils.data.DataLoader(dataset, batch_size=batch_size):

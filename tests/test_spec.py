@@ -103,3 +103,45 @@ def test_binary_file_is_refused_without_echoing_it(tmp_path):
 def test_empty_spec(tmp_path):
     with pytest.raises(SpecError, match="is empty"):
         load_spec(write(tmp_path, ""))
+
+
+# --------------------------------------------------------------------------- algorithms, gate, tabular tasks
+
+def test_algorithm_settings_default_and_override(tmp_path):
+    spec = base(tmp_path)
+    spec["algorithm"] = "fedprox"
+    assert load_spec(write(tmp_path, spec)).algorithm_params == {"mu": 0.01}
+    spec["algorithm"] = {"name": "fedyogi", "server_lr": 0.05}
+    s = load_spec(write(tmp_path, spec))
+    assert s.algorithm == "fedyogi" and s.algorithm_params["server_lr"] == 0.05 and s.algorithm_params["beta1"] == 0.9
+
+
+@pytest.mark.parametrize("mutate, field, words", [
+    (lambda s: s.update(algorithm={"name": "fedprox", "mu": -1}), "algorithm.mu", "at least 0"),
+    (lambda s: s.update(algorithm={"name": "fedprox", "eta": 1}), "algorithm.eta", "not a known field"),
+    (lambda s: s.update(algorithm={"name": "fedadam", "beta2": 1.0}), "algorithm.beta2", "below 1"),
+    (lambda s: s.update(algorithm="fedbn"), "algorithm", "no learnable normalisation layers"),
+    (lambda s: s.update(gate="best_of"), "gate", "every_site, weighted_mean"),
+    (lambda s: s.update(personalise={"epoch": 2}), "personalise.epoch", "did you mean 'epochs'"),
+    (lambda s: s["task"].update(standardise="federated"), "task.standardise", "tabular tasks only"),
+    (lambda s: s.update(task={"kind": "tabular", "dataset": "heart-disease", "model": {"name": "logreg"},
+                              "standardise": "global"}), "task.standardise", "site, federated"),
+    (lambda s: s.update(task={"kind": "tabular", "dataset": "heart-disease", "model": {"name": "unet3d"}}),
+     "task.model.name", "logreg"),
+    (lambda s: s.update(task={"kind": "tabular", "dataset": "diabetes", "model": {"name": "logreg"}}),
+     "task.dataset", "heart-disease"),
+])
+def test_bad_algorithm_gate_and_tabular_fields(tmp_path, mutate, field, words):
+    spec = base(tmp_path)
+    mutate(spec)
+    path = write(tmp_path, spec)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"field '{field}'" in str(err.value) and words in str(err.value) and str(path) in str(err.value)
+
+
+def test_heart_disease_spec_is_valid(monkeypatch):
+    monkeypatch.setenv("FEDWARD_DATA", "/data")
+    spec = load_spec(REPO / "federations" / "heart-disease.yaml")
+    assert spec.task.kind == "tabular" and spec.task.standardise == "federated" and spec.simulation
+    assert [s.data for s in spec.sites][0] == Path("/data/heart-disease/processed.cleveland.data")

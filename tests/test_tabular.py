@@ -183,6 +183,35 @@ def test_stats_are_not_pooled():
     assert not np.allclose(a.mean, b.mean)
 
 
+def test_federated_standardisation_equals_the_pooled_statistics_without_pooling():
+    from sitekit.tabular import feature_sums, federated_standardisation
+
+    shares = [feature_sums(s, site_file(s)) for s in SITES]
+    assert [sh["n"] for sh in shares] == [EXPECTED[s][0] for s in SITES]
+    assert all(set(sh) == {"n", "sum", "sum_sq"} and len(sh["sum"]) == N_FEATURES for sh in shares)
+    mean, std = federated_standardisation(shares)
+    pooled = np.concatenate([read_site(s, site_file(s), standardise=False).x_train.astype(np.float64) for s in SITES])
+    np.testing.assert_allclose(mean, pooled.mean(0), rtol=1e-9)
+    np.testing.assert_allclose(std, pooled.std(0), rtol=1e-7)
+    # every site scales by the same numbers, so one patient means the same everywhere
+    a = read_site("cleveland", site_file("cleveland"), standardise=(mean, std))
+    b = read_site("switzerland", site_file("switzerland"), standardise=(mean, std))
+    np.testing.assert_allclose(a.mean, b.mean) and np.testing.assert_allclose(a.std, b.std)
+    chol = FEATURE_NAMES.index("chol")
+    assert (b.x_train[:, chol] < -1).all()  # Switzerland's 0 cholesterol is far below the federation's mean
+    with pytest.raises(ValueError, match="13 means"):
+        read_site("cleveland", site_file("cleveland"), standardise=(mean[:5], std))
+
+
+def test_feature_sums_refused_for_a_tiny_site(tmp_path):
+    from sitekit.tabular import feature_sums
+
+    few = write(tmp_path, lines_of("cleveland")[:12])  # 12 rows: 7 training cases
+    with pytest.raises(DataError) as err:
+        feature_sums("hospital-x", few)
+    assert_one_sentence(str(err.value), "site 'hospital-x'", str(few), "task.standardise")
+
+
 def test_tabular_set():
     tr = TabularSet("hungarian", site_file("hungarian"), "train")
     te = TabularSet("hungarian", site_file("hungarian"), "test")

@@ -90,7 +90,8 @@ def task_to_dict(task: TaskSpec) -> dict:
         "model": {"name": task.model.name, "channels": list(task.model.channels),
                   "strides": list(task.model.strides), "res_units": task.model.res_units, "norm": task.model.norm},
         "loss": task.loss, "metric": task.metric, "input_size": list(task.input_size),
-        "normalize": task.normalize, "label": task.label,
+        "normalize": task.normalize, "label": task.label, "standardise": task.standardise,
+        "feature_stats": [list(task.feature_stats[0]), list(task.feature_stats[1])] if task.feature_stats else None,
     }
 
 
@@ -100,7 +101,8 @@ def task_from_dict(d: dict) -> TaskSpec:
         model=ModelSpec(m["name"], tuple(m["channels"]), tuple(m["strides"]), m["res_units"], m.get("norm", "instance")),
         kind=d.get("kind", "segmentation"), dataset=d.get("dataset"),
         loss=d["loss"], metric=d["metric"], input_size=tuple(d["input_size"]),
-        normalize=d["normalize"], label=d["label"],
+        normalize=d["normalize"], label=d["label"], standardise=d.get("standardise", "site"),
+        feature_stats=(tuple(d["feature_stats"][0]), tuple(d["feature_stats"][1])) if d.get("feature_stats") else None,
     )
 
 
