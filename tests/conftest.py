@@ -160,3 +160,41 @@ def mlflow_server(tmp_path_factory):
         os.environ.pop("MLFLOW_TRACKING_URI", None)
         _stop(proc)
         log.close()
+
+
+RCLONE = REPO / ".tools" / "bin" / "rclone"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (``rclone serve s3``) on loopback; yields endpoint, key and secret.
+
+    Buckets are folders under its data directory. rclone comes from ``make setup``
+    (infra/get-rclone.sh)."""
+    if not RCLONE.exists():
+        pytest.fail(f"{RCLONE} is missing; run 'make setup' (it fetches rclone with infra/get-rclone.sh)")
+    root = tmp_path_factory.mktemp("s3")
+    (root / "data").mkdir()
+    port = free_port()
+    key, secret = "fedward-test-key", "fedward-test-secret-0123456789"
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen([str(RCLONE), "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{key},{secret}",
+                             "--cache-dir", str(root / "cache"), str(root / "data")],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"rclone serve s3 exited with {proc.returncode}; see {root / 'server.log'}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"rclone serve s3 did not listen on {url} within 30 s")
+                time.sleep(0.2)
+        yield {"endpoint": url, "key": key, "secret": secret, "data": root / "data"}
+    finally:
+        _stop(proc)
+        log.close()
