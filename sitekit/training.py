@@ -64,31 +64,3 @@ def train_round(model, loaders, optimizer, loss_fn, *, epochs: int = 1, steps: i
         if seen == 0:
             break  # an empty loader would otherwise loop for ever
     return EpochResult(total / max(done, 1), done, time.perf_counter() - t0)
-
-
-def train_epoch(model, loader, optimizer, loss_fn) -> EpochResult:
-    model.train()
-    t0, total, steps = time.perf_counter(), 0.0, 0
-    for image, mask in loader:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(image), mask)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the training loss became {float(loss)} at step {steps + 1}; "
-                                     "lower 'learning_rate' in the federation spec")
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
-        steps += 1
-    return EpochResult(total / max(steps, 1), steps, time.perf_counter() - t0)
-
-
-@torch.no_grad()
-def evaluate_dice(model, dataset, batch_size: int = 2) -> float:
-    """Mean per-case brain-mask Dice over a dataset."""
-    from sitekit.model import dice_score  # MONAI is heavy to import: only segmentation needs it
-
-    model.eval()
-    scores = []
-    for image, mask in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-        scores.append(dice_score(model(image), mask))
-    return float(torch.cat(scores).mean())

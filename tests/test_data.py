@@ -109,12 +109,11 @@ def test_diverging_training_stops_with_advice(sites):
 
     from sitekit.model import build_loss, build_model
     from sitekit.spec import ModelSpec, TaskSpec
-    from sitekit.training import make_loader, train_epoch
+    from sitekit.training import make_loader, train_round
 
     task = TaskSpec(model=ModelSpec())
     model = build_model(task, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=float("inf"))
     data = SiteVolumes("hospital-a", sites["hospital-a"], "test", (32, 32, 32))
     with pytest.raises(FloatingPointError, match="lower 'learning_rate'"):
-        for _ in range(2):
-            train_epoch(model, make_loader(data, 1, shuffle=False), opt, build_loss(task))
+        train_round(model, iter(lambda: make_loader(data, 1, shuffle=False), None), opt, build_loss(task), epochs=2)
