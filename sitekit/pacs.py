@@ -506,8 +506,8 @@ class IngestSummary:
 class _Cache:
     """The site's copy of what it fetched: CACHE/series-<hash>/<hash>.dcm, one file per instance."""
 
-    def __init__(self, site: str, root: Path, client, url: str, summary: IngestSummary):
-        self.site, self.root, self.client, self.url, self.summary = site, Path(root), client, url, summary
+    def __init__(self, site: str, root: Path, client, url: str, summary: IngestSummary, log: Callable[[str], None]):
+        self.site, self.root, self.client, self.url, self.summary, self.log = site, Path(root), client, url, summary, log
 
     def series(self, study: str, series: str) -> list[Path]:
         import pydicom
@@ -519,6 +519,8 @@ class _Cache:
         paths = {uid: folder / f"{_uid_name(uid)}.dcm" for uid in wanted}
         if not wanted or any(not p.exists() for p in paths.values()):
             folder.mkdir(parents=True, exist_ok=True)
+            missing = sum(not p.exists() for p in paths.values())
+            self.log(f"[{self.site}] retrieving {missing} of {len(wanted)} instances of a series")
 
             def fetch():
                 for ds in self.client.iter_series(study, series):
@@ -563,7 +565,7 @@ def ingest(site: str, url: str, data: Path, cache: Path | None = None, split: st
     cache = Path(cache) if cache else data / "dicom"
     client = client or connect(site, url, user, password, ca_bundle)
     summary = IngestSummary(site)
-    store = _Cache(site, cache, client, url, summary)
+    store = _Cache(site, cache, client, url, summary, log)
 
     if studies:
         study_uids = list(dict.fromkeys(studies))

@@ -117,6 +117,18 @@ def test_small_series_multiframe_and_seg_match_dcmqi(grid):
     ref, ref_affine = nrrd_labels(f"{grid}/nrrd/label.nrrd")
     assert np.array_equal(lab.array, ref) and np.allclose(ref_affine, vol.affine, atol=1e-4)
     assert lab.voxels == {1: 322 if grid == "23x38x3" else 315}
+    # A SEG derived from the multi-frame object refers to (SOP Instance UID, frame number): point the
+    # frames at mf.dcm's frames in reverse (frame 3 first) and move their positions to match.
+    seg = pydicom.dcmread(SEGS / grid / "seg" / "label.seg")
+    mf_ds = pydicom.dcmread(SEGS / grid / "multiframe" / "mf.dcm")
+    for f, fg in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        src = fg.DerivationImageSequence[0].SourceImageSequence[0]
+        src.ReferencedSOPInstanceUID = mf_ds.SOPInstanceUID
+        src.ReferencedFrameNumber = 3 - f
+        fg.PlanePositionSequence[0].ImagePositionPatient = \
+            mf_ds.PerFrameFunctionalGroupsSequence[2 - f].PlanePositionSequence[0].ImagePositionPatient
+    flipped = seg_labels("hospital-a", "c", seg, mf)
+    assert np.array_equal(flipped.array, lab.array[..., ::-1])
 
 
 def test_sparse_labelmap_seg_padding_is_background():
@@ -130,6 +142,16 @@ def test_sparse_labelmap_seg_padding_is_background():
         lab = seg_labels("hospital-a", "c", seg, vol)
         assert np.array_equal(lab.array, ref)     # 5 is no segment: background, not label 5
         assert lab.voxels == {1: 630}
+    # Padding inside a frame (the ppv5 object declares PixelPaddingValue 5): background too.
+    seg = pydicom.dcmread(SEGS / "sparse-labelmap-ppv5.dcm")
+    px = seg.pixel_array.copy()
+    assert seg.PixelPaddingValue == 5 and int(px[0, :4].sum()) > 0   # rows 0-3 of frame 1 hold liver (1) pixels
+    px[0, :4] = 5
+    seg.PixelData = px.tobytes()
+    lab = seg_labels("hospital-a", "c", seg, vol)
+    expected = ref.copy()
+    expected[:, :4, 0] = 0                      # frame 1 is slice 1; rows are the second axis
+    assert np.array_equal(lab.array, expected) and 5 not in lab.array
 
 
 def test_uneven_series_is_refused_and_fractional_segs_threshold_at_half():
