@@ -56,6 +56,10 @@ class IngestError(ValueError):
     """The PACS, a series or a segmentation cannot be used; one sentence naming site, case and what to do."""
 
 
+class PacsError(IngestError):
+    """The PACS itself failed (unreachable, refused the credentials, ...): the whole ingest stops."""
+
+
 # --------------------------------------------------------------------------- geometry
 
 @dataclass
@@ -451,12 +455,12 @@ def _pacs_call(site: str, url: str, what: str, fn: Callable):
             hint = "check that the URL is the PACS's DICOMweb root (e.g. ending in /dicom-web)"
         else:
             hint = "ask the PACS administrator what the server logged"
-        raise IngestError(f"site '{site}': the PACS at {url} answered HTTP {code} while {what}; {hint}.") from None
+        raise PacsError(f"site '{site}': the PACS at {url} answered HTTP {code} while {what}; {hint}.") from None
     except requests.exceptions.SSLError as exc:
-        raise IngestError(f"site '{site}': the TLS handshake with the PACS at {url} failed while {what} "
+        raise PacsError(f"site '{site}': the TLS handshake with the PACS at {url} failed while {what} "
                           f"({type(exc).__name__}); give the PACS's CA certificate with --pacs-ca.") from None
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
-        raise IngestError(f"site '{site}': the PACS at {url} did not answer while {what} ({type(exc).__name__}); "
+        raise PacsError(f"site '{site}': the PACS at {url} did not answer while {what} ({type(exc).__name__}); "
                           "check the URL and that this machine may reach the PACS.") from None
 
 
@@ -605,9 +609,18 @@ def ingest(site: str, url: str, data: Path, cache: Path | None = None, split: st
                 volume = image_volume(site, f"the images of case {case}", (pydicom.dcmread(p) for p in image_files))
                 labels = seg_labels(site, case, seg, volume, overlap)
                 status = write_case(site, data, split, case, volume, labels)
+            except PacsError:
+                raise
             except IngestError as exc:
                 summary.skipped[case] = str(exc)
                 log(f"[{site}] case {case} ({n_done}): skipped: {exc}")
+                continue
+            except Exception as exc:  # undecodable pixels, a missing mandatory attribute, ...
+                # Only the exception's type: its text may quote a header value.
+                summary.skipped[case] = (f"site '{site}': the segmentation of case {case} or its images could not be "
+                                         f"converted ({type(exc).__name__}); check the objects with a DICOM validator "
+                                         "(e.g. dciodvfy) and re-send them to the PACS.")
+                log(f"[{site}] case {case} ({n_done}): skipped: {summary.skipped[case]}")
                 continue
             (summary.written if status == "written" else summary.present).append(case)
             summary.voxels[case] = labels.voxels

@@ -395,3 +395,44 @@ def test_wrong_password_and_unreachable_pacs_fail_with_one_sentence(pacs, tmp_pa
         ingest("hospital-a", pacs.url + "/no-dicom-web", tmp_path / "a", user=pacs.user, password=pacs.password,
                log=lambda line: None)
     assert not (tmp_path / "a" / "imagesTr").exists()
+
+
+def test_a_case_that_cannot_be_decoded_is_skipped_without_quoting_the_header(pacs, tmp_path):
+    """A new study on the PACS: the 23x38x3 images and their SEG under new UIDs, one image's pixels cut in half."""
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    study, series, seg_series = generate_uid(), generate_uid(), generate_uid()
+    uids = {}
+    files = []
+    for k, f in enumerate(sorted((SEGS / "23x38x3" / "image").glob("*.dcm"))):
+        ds = pydicom.dcmread(f)
+        uids[ds.SOPInstanceUID] = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        if k == 1:
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        files.append(tmp_path / f"img{k}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    seg = pydicom.dcmread(SEGS / "23x38x3" / "seg" / "label.seg")
+    seg.SOPInstanceUID = seg.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    seg.StudyInstanceUID, seg.SeriesInstanceUID = study, seg_series
+    ref = seg.ReferencedSeriesSequence[0]
+    ref.SeriesInstanceUID = series
+    for item in ref.ReferencedInstanceSequence:
+        item.ReferencedSOPInstanceUID = uids[item.ReferencedSOPInstanceUID]
+    for fg in seg.PerFrameFunctionalGroupsSequence:
+        src = fg.DerivationImageSequence[0].SourceImageSequence[0]
+        src.ReferencedSOPInstanceUID = uids[src.ReferencedSOPInstanceUID]
+    files.append(tmp_path / "seg.dcm")
+    seg.save_as(files[-1])
+    assert pacs.upload(files) == 4
+    lines: list[str] = []
+    out = ingest("hospital-a", pacs.dicomweb, tmp_path / "a", studies=[study], user=pacs.user,
+                 password=pacs.password, log=lines.append)
+    case = case_name(str(seg.SOPInstanceUID))
+    assert out.written == [] and list(out.skipped) == [case]
+    assert out.skipped[case] == (f"site 'hospital-a': the segmentation of case {case} or its images could not be "
+                                 "converted (ValueError); check the objects with a DICOM validator (e.g. dciodvfy) "
+                                 "and re-send them to the PACS.")
+    assert not (tmp_path / "a" / "imagesTr").exists() and not (tmp_path / "a" / "labelsTr").exists()
+    assert study not in "\n".join(lines) and "123456" not in "\n".join(lines)
