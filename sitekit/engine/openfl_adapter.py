@@ -420,7 +420,7 @@ class FedwardTaskRunner(PyTorchTaskRunner):
         self.model.eval()
         with torch.no_grad():
             scores = [self.task.score(self.model(x), y) for x, y in validation_dataloader]
-        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).mean())))
+        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).double().mean())))
 
 
 SegmentationTaskRunner = FedwardTaskRunner  # the name plans written before the algorithms work used
