@@ -6,6 +6,8 @@
 - ``sitekit personalise`` fine-tune the global model on this site's data (personalised model)
 - ``sitekit evaluate``    score models on this site's held-out test cases; only the scores leave
 
+For hospital IT (see sitekit/deploy.py): ``fetch`` -> ``preflight`` -> ``approve`` -> ``join``.
+
 Each command reads only the workspace folder it is given and the site's own data folder.
 """
 from __future__ import annotations
@@ -37,7 +39,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from sitekit.engine.openfl_adapter import participant_layout
+    from sitekit.layout import participant_layout  # not the engine: keygen runs on the slim image too
     from sitekit.pki import make_key_and_request
 
     folder = Path(args.workspace)
@@ -178,12 +180,18 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--workspace", required=True)
     e.add_argument("--model", action="append", required=True, help="NAME=PATH of a state dict; repeatable")
     e.add_argument("--out", required=True)
+    from sitekit import deploy  # fetch, preflight, approve, join: what hospital IT runs
+
+    handlers = {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
+                "personalise": cmd_personalise, "evaluate": cmd_evaluate, **deploy.add_commands(sub)}
     args = ap.parse_args(argv)
     from sitekit.data import DataError
 
     try:
-        return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
-                "personalise": cmd_personalise, "evaluate": cmd_evaluate}[args.cmd](args)
+        return handlers[args.cmd](args)
+    except deploy.USER_ERRORS as exc:
+        print(f"sitekit {args.cmd}: {exc}", file=sys.stderr)
+        return deploy.EXIT_NETWORK if isinstance(exc, ConnectionError) else deploy.EXIT_REFUSED
     except (DataError, FloatingPointError) as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
         if getattr(args, "workspace", None):
