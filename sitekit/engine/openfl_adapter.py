@@ -181,13 +181,18 @@ def write_plan(spec: FederationSpec, folder: Path, site: str | None = None) -> P
     return folder / PLAN
 
 
-def initialize_model(spec: FederationSpec, folder: Path) -> Path:
-    """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
+def model_tensors(spec: FederationSpec) -> dict[str, np.ndarray]:
+    """The initial (seeded) shared model as named arrays: what travels between sites and aggregator."""
     runner = FedwardTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate, seed=spec.seed,
                                algorithm=spec.algorithm, algorithm_params=dict(spec.algorithm_params),
                                data_loader=SiteDataLoader(data_path=None, task=task_to_dict(spec.task)))
     # Tensors that stay at the sites (FedBN's normalisation layers) are not part of the shared model.
-    tensors = {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
+    return {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
+
+
+def initialize_model(spec: FederationSpec, folder: Path) -> Path:
+    """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
+    tensors = model_tensors(spec)
     proto = proto_utils.construct_model_proto(tensors, 0, NoCompressionPipeline())
     (folder / INIT_MODEL).parent.mkdir(parents=True, exist_ok=True)
     proto_utils.dump_proto(proto, str(folder / INIT_MODEL))
