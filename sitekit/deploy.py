@@ -65,6 +65,10 @@ def fetch(home: Path, fingerprint: str, url: str | None = None, file: Path | Non
         if settings.site != site:
             raise H.SiteError(f"this bundle is for site '{site}', but {home / H.SETTINGS} says this is site "
                               f"'{settings.site}'; fetch your own site's bundle.")
+    own = sorted(p.name[len("col_"):-len(".key")] for p in (home / "cert" / "client").glob("col_*.key"))
+    if own and site not in own:
+        raise H.SiteError(f"this bundle is for site '{site}', but this folder ({home}) belongs to site "
+                          f"'{own[0]}'; fetch your own site's bundle.")
     H.check_key_matches(home, site, files[B.site_cert_path(site)])
     B.install(files, fingerprint, H.bundle_dir(home))
     if not (home / H.SETTINGS).exists():  # the site's own file: written once, never overwritten
