@@ -114,13 +114,17 @@ def make_bundles(spec: FederationSpec, folder: Path, fed: dict, certs: dict[str,
     """One bundle per site (deterministic tar + manifest); returns {site: {path, fingerprint}}."""
     out = {}
     for site in spec.site_names:
-        img = (images or {}).get("sites", {}).get(site)
-        if img is None:
-            raise ValueError(f"no image for site '{site}' in the build-site-images result; build the images first.")
-        if img.get("labels", {}).get("org.fedward.plan-sha256") not in (None, fed["plan_sha256"]):
-            raise ValueError(f"the image for site '{site}' was built for another plan "
-                             f"({img['labels']['org.fedward.plan-sha256'][:12]}); rebuild the images for this plan.")
-        image = {"reference": img["reference"], "digest": img.get("digest"), "id": img["id"], "profile": images.get("profile")}
+        if images is None:  # the site runs sitekit from its own Python installation, not from an image
+            image = {"reference": None, "digest": None, "id": None, "profile": None,
+                     "note": "no image was built for this plan: run sitekit from a Python installation"}
+        else:
+            img = images.get("sites", {}).get(site)
+            if img is None:
+                raise ValueError(f"no image for site '{site}' in the build-site-images result; build the images first.")
+            if img.get("labels", {}).get("org.fedward.plan-sha256") not in (None, fed["plan_sha256"]):
+                raise ValueError(f"the image for site '{site}' was built for another plan "
+                                 f"({img['labels']['org.fedward.plan-sha256'][:12]}); rebuild the images for this plan.")
+            image = {"reference": img["reference"], "digest": img.get("digest"), "id": img["id"], "profile": images.get("profile")}
         files = {
             B.PLAN: fed["plan"], B.COLS: fed["cols"], B.CA_CERT: fed["ca_pem"], B.site_cert_path(site): certs[site],
             B.IMAGE: (json.dumps(image, indent=2, sort_keys=True) + "\n").encode(),
@@ -172,12 +176,12 @@ def upload_bundles(spec: FederationSpec, bundles: dict[str, dict], bucket: str, 
 
 
 @flow(name="ship-plan", log_prints=True)
-def ship_plan(spec_path: str, csrs: dict[str, str], images: dict, bucket: str = "fedward-bundles",
+def ship_plan(spec_path: str, csrs: dict[str, str], images: dict | None, bucket: str = "fedward-bundles",
               s3_endpoint: str | None = None, expires_seconds: int = LINK_SECONDS, workdir: str | None = None) -> dict:
     """Ship every site its bundle; return {federation, plan_sha256, sites: {site: {fingerprint, url, key}}}.
 
     ``csrs`` maps each site to the certificate request it sent; ``images`` is the result of the
-    build-site-images flow."""
+    build-site-images flow (None: the sites run sitekit from a Python installation)."""
     spec = load_spec(spec_path)
     folder = federation_folder(spec, workdir)
     tracking.configure(f"fedward/{spec.name}")
@@ -190,7 +194,8 @@ def ship_plan(spec_path: str, csrs: dict[str, str], images: dict, bucket: str = 
         mlflow.log_params({"plan_sha256": fed["plan_sha256"], "bucket": bucket, "sites": ",".join(spec.site_names),
                            "model_bytes": fed["model_bytes"]})
         published = {site: {"fingerprint": b["fingerprint"], "object": f"s3://{bucket}/{links[site]['key']}",
-                            "image": images["sites"][site]["reference"], "image_digest": images["sites"][site].get("digest")}
+                            "image": images["sites"][site]["reference"] if images else None,
+                            "image_digest": images["sites"][site].get("digest") if images else None}
                      for site, b in bundles.items()}
         for site, p in published.items():
             mlflow.set_tag(f"bundle.{site}", p["fingerprint"])

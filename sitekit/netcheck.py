@@ -148,6 +148,12 @@ def open_tunnel(host: str, port: int, proxy: str | None, timeout: float = 5.0) -
                              f"{host}:{port} (is it running?)",
                              f"check the proxy is running and can reach {host}:{port}")
     parts = status.split(" ", 2)
+    if len(parts) >= 2 and parts[1].startswith("5"):
+        sock.close()
+        raise NetworkProblem(f"the HTTPS proxy {phost}:{pport} accepted the request but could not reach {host}:{port} "
+                             f"({status}): the aggregator may be down, or a firewall behind the proxy blocks it",
+                             f"check that the proxy itself may connect to {host}:{port} (and ask the federation whether "
+                             "the aggregator is running)")
     if len(parts) < 2 or parts[1] != "200":
         sock.close()
         raise NetworkProblem(f"the HTTPS proxy {phost}:{pport} refused CONNECT to {host}:{port} ({status})",

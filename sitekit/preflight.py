@@ -69,7 +69,8 @@ def check_bundle(home: Path) -> tuple[Check, dict | None, dict[str, bytes] | Non
                    f"federation '{manifest['federation']}', site '{manifest['site']}'")
     c.lines.append(f"plan SHA-256 {manifest['plan_sha256']}")
     image = json.loads(files[B.IMAGE])
-    c.lines.append(f"image {image.get('reference')} ({image.get('digest') or image.get('id')})")
+    c.lines.append(f"image {image['reference']} ({image.get('digest') or image.get('id')})" if image.get("reference")
+                   else f"image: none ({image.get('note', 'no image for this plan')})")
     try:
         approval, _, _ = H.check_approval(home)
         c.lines.append(f"approved by {approval['approved_by']} at {approval['approved_at']}")
@@ -255,13 +256,21 @@ def check_network(home: Path, settings: H.SiteSettings, pre: dict, files: dict[s
                 os.environ[k] = v
     c.figures.update({"rtt_ms": round(link["rtt_ms"], 2), "upload_mbit_s": round(link["upload_mbit_s"], 1)})
     c.lines.append(f"gRPC round trip to the aggregator: median {link['rtt_ms']:.1f} ms")
-    c.lines.append(f"upload: {link['upload_bytes'] / 1e6:.1f} MB in {link['upload_seconds']:.2f} s "
+    c.lines.append(f"upload: {size(link['upload_bytes'])} in {link['upload_seconds']:.2f} s "
                    f"= {link['upload_mbit_s']:.0f} Mbit/s")
     per_round = pre.get("traffic", {}).get("upload_bytes_per_round", 0) + pre.get("traffic", {}).get("download_bytes_per_round", 0)
     if per_round and link["upload_mbit_s"] > 0:
-        c.lines.append(f"a round moves about {per_round / 1e6:.1f} MB: about {per_round * 8 / 1e6 / link['upload_mbit_s']:.1f} s "
+        c.lines.append(f"a round moves about {size(per_round)}: about {per_round * 8 / 1e6 / link['upload_mbit_s']:.2f} s "
                        "of transfer at this rate")
     return c
+
+
+def size(n: float) -> str:
+    """Bytes in words a security team reads: 12.3 MB, 85 kB."""
+    for unit, factor in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n:.0f} bytes"
 
 
 def _proxy_env(proxy: str | None) -> dict[str, str]:
@@ -311,9 +320,9 @@ def allow_list_request(pre: dict, manifest: dict, files: dict[str, bytes], netwo
         f"  this site (client)   : {_fingerprint_pem(files[B.site_cert_path(site)])}",
         "",
         "Expected traffic:",
-        f"  per round            : about {down / 1e6:.1f} MB in (the shared model) and {up / 1e6:.1f} MB out "
+        f"  per round            : about {size(down)} in (the shared model) and {size(up)} out "
         "(this site's model update and aggregate metrics)",
-        f"  rounds               : {rounds}, so about {(down + up) * rounds / 1e6:.0f} MB in all",
+        f"  rounds               : {rounds}, so about {size((down + up) * rounds)} in all",
         "  content              : model weights and aggregate metrics only; no images, no patient data",
         "",
         f"Plan SHA-256 (what the site administrator approves): {manifest['plan_sha256']}",
