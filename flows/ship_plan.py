@@ -1,5 +1,6 @@
 """The ``ship-plan`` flow: one verifiable bundle per site, uploaded to S3 under that site's own prefix.
 
+(invite-sites: a presigned upload link per site for its certificate request) ->
 validate spec -> prepare the federation (its CA, the aggregator's workspace, key and certificate,
 the initial model; kept in the federation's folder) -> sign each site's certificate request ->
 make each site's bundle (plan, CA certificate, the site's signed certificate, image reference and
@@ -69,6 +70,55 @@ def prepare_federation(spec: FederationSpec, folder: Path) -> dict:
     return {"plan": plan, "cols": (agg / engine.COLS).read_bytes(), "plan_sha256": B.plan_sha256(plan),
             "ca_pem": (ca_dir / "ca.crt").read_bytes(), "aggregator_pem": paths["cert"].read_bytes(),
             "model_parameters": n_params, "model_bytes": n_bytes, "aggregator_folder": str(agg)}
+
+
+def request_key(federation: str, site: str) -> str:
+    return f"sites/{site}/{federation}/request.csr"
+
+
+@flow(name="invite-sites", log_prints=True)
+def invite_sites(spec_path: str, bucket: str = "fedward-bundles", s3_endpoint: str | None = None,
+                 expires_seconds: int = LINK_SECONDS, workdir: str | None = None) -> dict[str, str]:
+    """Give each site a presigned upload link for its certificate request (and nothing else).
+
+    The site runs ``sitekit keygen`` and ``sitekit send-request --url LINK``: only the CSR travels,
+    outbound from the site; ``ship-plan`` then collects the requests from S3. Returns {site: link};
+    the links are also written to ``links/<site>-request.txt`` (send each privately)."""
+    spec = load_spec(spec_path)
+    folder = federation_folder(spec, workdir)
+    s3 = s3_client(s3_endpoint)
+    _ensure_bucket(s3, bucket)
+    out = {}
+    for site in spec.site_names:
+        out[site] = s3.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": request_key(spec.name, site)},
+                                              ExpiresIn=expires_seconds)
+        atomic_write(folder / "links" / f"{site}-request.txt", f"site: {site}\nupload your certificate request: {out[site]}\n", 0o600)
+    print(f"request links for {len(out)} sites in {folder / 'links'}")
+    return out
+
+
+def _ensure_bucket(s3, bucket: str) -> None:
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except s3.exceptions.ClientError:
+        s3.create_bucket(Bucket=bucket)
+
+
+@task(name="collect-site-requests", cache_policy=NO_CACHE)
+def collect_requests(spec: FederationSpec, folder: Path, bucket: str, endpoint: str | None) -> dict[str, str]:
+    """The certificate requests the sites uploaded with their invite links; {site: local path}."""
+    s3 = s3_client(endpoint)
+    out = {}
+    for site in spec.site_names:
+        try:
+            body = s3.get_object(Bucket=bucket, Key=request_key(spec.name, site))["Body"].read(1 << 20)
+        except s3.exceptions.ClientError:
+            raise pki.PKIError(f"site '{site}' has not uploaded its certificate request yet "
+                               f"(s3://{bucket}/{request_key(spec.name, site)}); ask it to run 'sitekit send-request'.") from None
+        path = folder / "requests" / f"{site}.csr"
+        atomic_write(path, body)
+        out[site] = str(path)
+    return out
 
 
 @task(name="sign-site-requests", cache_policy=NO_CACHE)
@@ -159,10 +209,7 @@ def upload_bundles(spec: FederationSpec, bundles: dict[str, dict], bucket: str, 
                    expires_seconds: int) -> dict[str, dict]:
     """Upload each bundle under its site's own prefix; return a presigned download link per site."""
     s3 = s3_client(endpoint)
-    try:
-        s3.head_bucket(Bucket=bucket)
-    except s3.exceptions.ClientError:
-        s3.create_bucket(Bucket=bucket)
+    _ensure_bucket(s3, bucket)
     out = {}
     for site, b in bundles.items():
         key = bundle_key(spec.name, site, b["fingerprint"])
@@ -176,11 +223,12 @@ def upload_bundles(spec: FederationSpec, bundles: dict[str, dict], bucket: str, 
 
 
 @flow(name="ship-plan", log_prints=True)
-def ship_plan(spec_path: str, csrs: dict[str, str], images: dict | None, bucket: str = "fedward-bundles",
+def ship_plan(spec_path: str, csrs: dict[str, str] | None, images: dict | None, bucket: str = "fedward-bundles",
               s3_endpoint: str | None = None, expires_seconds: int = LINK_SECONDS, workdir: str | None = None) -> dict:
     """Ship every site its bundle; return {federation, plan_sha256, sites: {site: {fingerprint, url, key}}}.
 
-    ``csrs`` maps each site to the certificate request it sent; ``images`` is the result of the
+    ``csrs`` maps each site to the certificate request it sent (None: collect the requests the sites
+    uploaded with their invite-sites links); ``images`` is the result of the
     build-site-images flow (None: the sites run sitekit from a Python installation)."""
     spec = load_spec(spec_path)
     folder = federation_folder(spec, workdir)
@@ -188,6 +236,8 @@ def ship_plan(spec_path: str, csrs: dict[str, str], images: dict | None, bucket:
     with mlflow.start_run(run_name=f"ship-plan {dt.datetime.now():%Y-%m-%d %H:%M}"):
         mlflow.set_tags({"fedward.federation": spec.name, "fedward.step": "ship-plan"})
         fed = prepare_federation(spec, folder)
+        if csrs is None:
+            csrs = collect_requests(spec, folder, bucket, s3_endpoint)
         certs = sign_site_requests(spec, folder, csrs)
         bundles = make_bundles(spec, folder, fed, certs, images)
         links = upload_bundles(spec, bundles, bucket, s3_endpoint, expires_seconds)

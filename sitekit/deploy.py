@@ -1,5 +1,7 @@
 """The commands hospital IT runs, in order: ``fetch`` -> ``preflight`` -> ``approve`` -> ``join``.
 
+- ``sitekit send-request`` upload this site's certificate request (made by ``sitekit keygen``) with
+                        the federation's link; the private key stays here
 - ``sitekit fetch``     download this site's bundle (outbound HTTPS only), verify every byte against
                         the fingerprint the federation published, install it in the site's folder
 - ``sitekit preflight`` check bundle, identity, data, privacy and network; write the report and the
@@ -74,6 +76,28 @@ def fetch(home: Path, fingerprint: str, url: str | None = None, file: Path | Non
     if not (home / H.SETTINGS).exists():  # the site's own file: written once, never overwritten
         H.atomic_write(home / H.SETTINGS, files[B.DATA_TEMPLATE])
     return manifest
+
+
+def send_request(home: Path, site: str, url: str, timeout: float = 60.0) -> Path:
+    """Upload this site's certificate request (only the CSR, never the key) with the federation's link."""
+    csr = H.participant_layout(Path(home), "site", site)["csr"]
+    if not csr.exists():
+        raise H.SiteError(f"site '{site}': no certificate request at {csr}; run 'sitekit keygen --workspace {home} "
+                          f"--role site --name {site}' first.")
+    data = csr.read_bytes()
+    if b"PRIVATE KEY" in data or b"CERTIFICATE REQUEST" not in data:
+        raise H.SiteError(f"{csr} is not a certificate request; refusing to send it.")
+    req = urllib.request.Request(url, data=data, method="PUT", headers={"Content-Type": "application/pkcs10"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+    except urllib.error.HTTPError as exc:
+        raise H.SiteError(f"the upload link was refused ({exc.code} {exc.reason}): it has expired, was altered, or is "
+                          "another site's; ask the federation for a fresh link.") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConnectionError(f"cannot upload the request ({getattr(exc, 'reason', exc)}). Ask your IT team to allow "
+                              "outbound HTTPS to the link's host (or give you the HTTPS proxy: set https_proxy).") from None
+    return csr
 
 
 def join(home: Path, admission_timeout: float = 30.0, network_timeout: float = 5.0) -> int:
@@ -152,11 +176,22 @@ def add_commands(sub) -> dict:
     a.add_argument("--home", default=".")
     a.add_argument("--by", required=True, help="who approves, e.g. 'J. Smith, head of radiology IT'")
     a.add_argument("--plan-sha256", help="the plan hash you reviewed (refused if the fetched plan differs)")
+    r = sub.add_parser("send-request", help="upload this site's certificate request with the federation's link")
+    r.add_argument("--home", default=".")
+    r.add_argument("--site", required=True)
+    r.add_argument("--url", required=True, help="the upload link the federation sent this site")
     j = sub.add_parser("join", help="start training with the approved plan")
     j.add_argument("--home", default=".")
     j.add_argument("--admission-timeout", type=float, default=30.0)
     j.add_argument("--network-timeout", type=float, default=5.0)
-    return {"fetch": _cmd_fetch, "preflight": _cmd_preflight, "approve": _cmd_approve, "join": _cmd_join}
+    return {"fetch": _cmd_fetch, "preflight": _cmd_preflight, "approve": _cmd_approve, "join": _cmd_join,
+            "send-request": _cmd_send_request}
+
+
+def _cmd_send_request(args) -> int:
+    csr = send_request(Path(args.home), args.site, args.url)
+    print(f"sent {csr} (the certificate request; the private key stays in {csr.parent})")
+    return 0
 
 
 def _cmd_fetch(args) -> int:

@@ -125,7 +125,7 @@ class Proxy:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory, s3_server, mlflow_server, prefect_server):
     """A two-hospital heart-disease federation shipped through S3; each hospital made its own key."""
-    from flows.ship_plan import ship_plan
+    from flows.ship_plan import invite_sites, ship_plan
 
     if not HEART.is_dir():
         pytest.fail(f"heart-disease data not found at {HEART}; set FEDWARD_DATA to the shared data folder")
@@ -138,12 +138,16 @@ def federation(tmp_path_factory, s3_server, mlflow_server, prefect_server):
             "aggregator": {"host": "localhost", "port": port}, "timeouts": {"startup_seconds": 60, "round_seconds": 60}}
     (root / "fed.yaml").write_text(yaml.safe_dump(spec))
     homes = {s["name"]: root / "sites" / s["name"] for s in spec["sites"]}
-    for site, home in homes.items():
-        assert sitekit_main(["keygen", "--workspace", str(home), "--role", "site", "--name", site]) == 0
     os.environ.update({"AWS_ACCESS_KEY_ID": s3_server["key"], "AWS_SECRET_ACCESS_KEY": s3_server["secret"]})
     try:
-        shipped = ship_plan(str(root / "fed.yaml"), {s: str(participant_layout(h, "site", s)["csr"]) for s, h in homes.items()},
-                            None, bucket="egress", s3_endpoint=s3_server["endpoint"], workdir=str(root / "federation"))
+        # the round trip of a certificate: each site gets an upload link, makes its key, sends only the CSR
+        invites = invite_sites(str(root / "fed.yaml"), bucket="egress", s3_endpoint=s3_server["endpoint"],
+                               workdir=str(root / "federation"))
+        for site, home in homes.items():
+            assert sitekit_main(["keygen", "--workspace", str(home), "--role", "site", "--name", site]) == 0
+            assert sitekit_main(["send-request", "--home", str(home), "--site", site, "--url", invites[site]]) == 0
+        shipped = ship_plan(str(root / "fed.yaml"), None, None, bucket="egress", s3_endpoint=s3_server["endpoint"],
+                            workdir=str(root / "federation"))
     finally:
         os.environ.pop("AWS_ACCESS_KEY_ID", None)
         os.environ.pop("AWS_SECRET_ACCESS_KEY", None)
@@ -152,7 +156,26 @@ def federation(tmp_path_factory, s3_server, mlflow_server, prefect_server):
         assert sitekit_main(["fetch", "--home", str(home), "--url", s["url"], "--fingerprint", s["fingerprint"]]) == 0
         data = {"cleveland": HEART / "processed.cleveland.data", "hungary": HEART / "processed.hungarian.data"}[site]
         (home / "data.yaml").write_text(f"site: {site}\ndata: {data}\n")
-    return {"root": root, "port": port, "homes": homes, "shipped": shipped, "aggregator": Path(shipped["aggregator_folder"])}
+    return {"root": root, "port": port, "homes": homes, "shipped": shipped, "aggregator": Path(shipped["aggregator_folder"]),
+            "invites": invites, "s3": s3_server}
+
+
+def test_a_sites_upload_link_writes_only_its_own_request(federation, capsys):
+    invites, s3 = federation["invites"], federation["s3"]
+    stored = s3["data"] / "egress" / "sites" / "hungary" / "heart-egress" / "request.csr"
+    before = stored.read_bytes()
+    assert b"CERTIFICATE REQUEST" in before and b"PRIVATE KEY" not in before
+    # Cleveland alters its own upload link to overwrite Hungary's request: the signature does not match
+    forged = invites["cleveland"].replace("sites/cleveland/", "sites/hungary/")
+    assert forged != invites["cleveland"]
+    home = federation["homes"]["cleveland"]
+    assert sitekit_main(["send-request", "--home", str(home), "--site", "cleveland", "--url", forged]) == 2
+    assert "the upload link was refused (403" in capsys.readouterr().err
+    assert stored.read_bytes() == before
+    # what the federation signed is exactly what each site sent, for the key each site holds
+    for site, h in federation["homes"].items():
+        sent = participant_layout(h, "site", site)["csr"].read_bytes()
+        assert (federation["root"] / "federation" / "requests" / f"{site}.csr").read_bytes() == sent
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,9 @@ def test_fingerprints_are_published_and_no_site_key_left_its_site(shipped, s3_se
         image = json.loads(files[B.IMAGE])
         assert image["reference"] == shipped["images"]["sites"][site]["reference"]
         assert image["digest"] == shipped["images"]["sites"][site]["digest"]
-        assert "url" not in json.dumps(run.data.tags)  # links are capabilities: never in MLflow
+    # links are capabilities: they go to each site privately, never into MLflow
+    logged = json.dumps([run.data.tags, run.data.params])
+    assert "X-Amz-Signature" not in logged and "X-Amz-Signature" in sites["hospital-a"]["url"]
     # The private keys exist only in the sites' own folders: nowhere in S3, MLflow or the federation's folder.
     keys = [participant_layout(h, "site", s)["key"].read_bytes() for s, h in shipped["homes"].items()]
     assert all(b"PRIVATE KEY" in k for k in keys)
