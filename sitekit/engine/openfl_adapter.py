@@ -725,7 +725,8 @@ def measure_link(folder: Path, name: str, payload_bytes: int = 4 << 20, pings: i
             if not n:
                 return bytes(out)
 
-    padded = request + bytes([(2047 << 3 | 2) & 0x7F | 0x80, (2047 << 3 | 2) >> 7]) + _varint(payload_bytes) + bytes(payload_bytes)
+    # field 2047, wire type 2 (length-delimited): a field PingRequest does not have
+    padded = request + _varint(2047 << 3 | 2) + _varint(payload_bytes) + bytes(payload_bytes)
     try:
         rtts = []
         for _ in range(max(1, pings)):
