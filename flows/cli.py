@@ -2,6 +2,8 @@
 
 - ``fedward run SPEC [--summary PATH]``   run the ``federated-training`` flow for a federation spec
 - ``fedward prepare-ixi``                  build the demo's three hospital folders from IXI-HH
+- ``fedward build-images SPEC``            the ``build-site-images`` flow (needs DOCKER_HOST)
+- ``fedward ship SPEC --csr SITE=PATH ...`` the ``ship-plan`` flow: sign, bundle, upload to S3
 """
 from __future__ import annotations
 
@@ -23,7 +25,41 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-ixi", help="split IXI-HH into the demo's three simulated hospitals")
     p.add_argument("--source", default=str(DEFAULT_DATA / "ixi-hh"))
     p.add_argument("--out", default=".fedward/sites")
+    b = sub.add_parser("build-images", help="build the aggregator image and one collaborator image per site")
+    b.add_argument("spec")
+    b.add_argument("--profile", choices=["full", "core"], default="full")
+    b.add_argument("--base-image", help="an image already in the store to build FROM (default: one from debootstrap)")
+    b.add_argument("--rootfs", help="the debootstrap root filesystem tar (default .tools/images/debian-bookworm-python.tar)")
+    b.add_argument("--out", default="images.json", help="where to write the images' references and digests")
+    sh = sub.add_parser("ship", help="ship every site its bundle through S3 (the ship-plan flow)")
+    sh.add_argument("spec")
+    sh.add_argument("--csr", action="append", required=True, metavar="SITE=PATH", help="a site's certificate request")
+    sh.add_argument("--images", help="images.json from 'fedward build-images' (omit: sites run sitekit without an image)")
+    sh.add_argument("--bucket", default="fedward-bundles")
+    sh.add_argument("--s3-endpoint", help="S3 endpoint URL (default FEDWARD_S3_ENDPOINT, else AWS)")
     args = ap.parse_args(argv)
+
+    if args.cmd == "build-images":
+        import json
+
+        from flows.site_images import build_site_images
+
+        result = build_site_images(args.spec, profile=args.profile, base_image=args.base_image, rootfs=args.rootfs)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"image references and digests: {args.out}")
+        return 0
+    if args.cmd == "ship":
+        import json
+
+        from flows.ship_plan import ship_plan
+
+        csrs = dict(c.split("=", 1) for c in args.csr)
+        images = json.loads(Path(args.images).read_text()) if args.images else None
+        result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)
+        for site, s in result["sites"].items():
+            print(f"{site}: fingerprint {s['fingerprint']}  ({s['object']})")
+        print("send each site its link privately (links/<site>.txt in the federation folder); publish the fingerprints")
+        return 0
 
     if args.cmd == "prepare-ixi":
         from flows.demo_data import prepare_ixi_sites

@@ -7,6 +7,8 @@
 - ``sitekit evaluate``    score models on this site's held-out test cases; only the scores leave
 - ``sitekit ingest``      fetch labelled series from this site's PACS (DICOMweb) into its data folder as NIfTI
 
+For hospital IT (see sitekit/deploy.py): ``fetch`` -> ``preflight`` -> ``approve`` -> ``join``.
+
 Each command reads only the workspace folder it is given and the site's own data folder.
 """
 from __future__ import annotations
@@ -38,7 +40,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from sitekit.engine.openfl_adapter import participant_layout
+    from sitekit.layout import participant_layout  # not the engine: keygen runs on the slim image too
     from sitekit.pki import make_key_and_request
 
     folder = Path(args.workspace)
@@ -211,12 +213,18 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--overlap", choices=["highest", "refuse"], default="highest",
                    help="overlapping segments: keep the highest segment number, or refuse the segmentation")
     g.add_argument("--strict", action="store_true", help="exit 3 if any segmentation could not become a case")
+    from sitekit import deploy  # fetch, preflight, approve, join: what hospital IT runs
+
+    handlers = {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
+                "personalise": cmd_personalise, "evaluate": cmd_evaluate, "ingest": cmd_ingest, **deploy.add_commands(sub)}
     args = ap.parse_args(argv)
     from sitekit.data import DataError
 
     try:
-        return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
-                "personalise": cmd_personalise, "evaluate": cmd_evaluate, "ingest": cmd_ingest}[args.cmd](args)
+        return handlers[args.cmd](args)
+    except deploy.USER_ERRORS as exc:
+        print(f"sitekit {args.cmd}: {exc}", file=sys.stderr)
+        return deploy.EXIT_NETWORK if isinstance(exc, ConnectionError) else deploy.EXIT_REFUSED
     except (DataError, FloatingPointError) as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
         if getattr(args, "workspace", None):
