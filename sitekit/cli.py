@@ -26,6 +26,8 @@ def cmd_check_data(args) -> int:
 
     if args.kind == "tabular":
         task = TaskSpec(model=ModelSpec(name="logreg"), kind="tabular", dataset=args.dataset)
+    elif args.kind == "classification":
+        task = TaskSpec(model=ModelSpec(name="cnn2d"), kind="classification", metric="auc", loss="bce")
     else:
         task = TaskSpec(model=ModelSpec())
     t = get_task(task)
@@ -101,9 +103,10 @@ def cmd_train_local(args) -> int:
     train = s["task_obj"].dataset(s["site"], s["data"], "train")
     model = s["task_obj"].build_model(seed=s["seed"])
     history: list[float] = []
-    steps = _train(s, model, train, s["rounds"], "local-only", steps_per_round=s["steps_per_round"], history=history)
+    rounds = args.rounds or s["rounds"]  # fewer when the federation stopped early (privacy budget)
+    steps = _train(s, model, train, rounds, "local-only", steps_per_round=s["steps_per_round"], history=history)
     _save_state(model, folder / "local" / "model.pt")
-    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "rounds": s["rounds"], "loss": history}))
+    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "rounds": rounds, "loss": history}))
     return 0
 
 
@@ -160,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("check-data", help="check this site's data folder; prints aggregate counts only")
     d.add_argument("--site", required=True)
     d.add_argument("--data", required=True)
-    d.add_argument("--kind", choices=["segmentation", "tabular"], default="segmentation")
+    d.add_argument("--kind", choices=["segmentation", "tabular", "classification"], default="segmentation")
     d.add_argument("--dataset", default=None, help="tabular tasks: which dataset reader (heart-disease)")
     d.add_argument("--feature-sums", action="store_true",
                    help="tabular tasks: also print this site's count, feature sums and sums of squares")
@@ -170,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--name", required=True, help="site name, or the aggregator's host name")
     t = sub.add_parser("train-local", help="train this site's local-only baseline")
     t.add_argument("--workspace", required=True)
+    t.add_argument("--rounds", type=int, default=None, help="rounds of local training (default: the plan's)")
     pz = sub.add_parser("personalise", help="fine-tune the global model on this site's data")
     pz.add_argument("--workspace", required=True)
     pz.add_argument("--model", required=True, help="path of the global model's state dict")
