@@ -461,9 +461,10 @@ class FedwardTaskRunner(PyTorchTaskRunner):
 
     def _budget(self):
         """This site's schedule: sampling rate, steps per round, noise multiplier (given or derived), δ."""
-        n = len(self.data_loader.train_set)
-        return site_budget(self.privacy, n, self.data_loader.batch_size, self._epochs, self.local_steps,
-                           self.rounds or 1)
+        key = (len(self.data_loader.train_set), self.data_loader.batch_size, self._epochs)
+        if getattr(self, "_budget_cache", (None,))[0] != key:  # deriving the noise is a search: once per run
+            self._budget_cache = (key, site_budget(self.privacy, key[0], key[1], key[2], self.local_steps, self.rounds or 1))
+        return self._budget_cache[1]
 
     def _check_site_budget(self):
         """Refuse (before touching the data) a round that would exceed the target; returns (budget, accountant)."""
