@@ -6,7 +6,7 @@ The maths lives in :mod:`sitekit.privacy`; this module only asks it for each sit
 - parameters: mode, accountant, clip, noise multiplier (per site when derived), δ (per site
   when it defaults to 1/N), sampling rate and steps per round per site, target ε;
 - metrics: ``privacy/epsilon`` (the federation's worst case) and ``privacy/<site>/epsilon`` at
-  step = rounds completed, and ``final/privacy/epsilon``;
+  step = rounds completed, and ``final/privacy/epsilon`` (and per site);
 - tags on the run and on the registered model version: ``fedward.privacy.epsilon``,
   ``fedward.privacy.delta``, ``fedward.privacy.mode``, and ``fedward.stop_reason`` when the
   budget ended the run early.
@@ -128,7 +128,8 @@ def final(spec: FederationSpec, result: dict, plan: dict) -> dict:
 
 def log_final(summary: dict) -> None:
     if math.isfinite(summary["epsilon"]):
-        mlflow.log_metric("final/privacy/epsilon", summary["epsilon"])
+        mlflow.log_metrics({"final/privacy/epsilon": summary["epsilon"],
+                            **{f"final/privacy/{who}/epsilon": v["epsilon"] for who, v in summary["per_site"].items()}})
     mlflow.set_tags({"fedward.privacy.mode": summary["mode"], "fedward.privacy.epsilon": f"{summary['epsilon']:.4f}",
                      "fedward.privacy.delta": f"{summary['delta']:.3g}",
                      "fedward.privacy.budget_stop": str(summary["stopped_for_budget"]).lower()})

@@ -87,10 +87,6 @@ class Setting:
     noise_at: str = "site"  # client-dp
     learning_rate: float = 0.001  # client-dp: one local step's size
 
-    @property
-    def noisy_for_attacker(self) -> bool:
-        return self.kind == "dp-sgd" or (self.kind == "client-dp" and self.noise_at == "site")
-
 
 def _params(model: torch.nn.Module) -> list[torch.Tensor]:
     return [p for p in model.parameters() if p.requires_grad]

@@ -91,3 +91,39 @@ def test_fedadam_steps_on_the_noisy_mean():
     out = agg.call([Local(c, np.full(4, 1.0), 1.0) for c in "abc"], iter([]), "model.w", 0, ())
     ref = FedAdam(lr=0.1, beta1=0.9, beta2=0.99, tau=1e-3).step("model.w", np.zeros(4), np.full(4, 1.0))
     np.testing.assert_allclose(out, ref, rtol=1e-6)
+
+
+@pytest.mark.parametrize("noise_at", ["server", "site"])
+def test_site_clips_its_update_and_adds_noise_only_when_told(noise_at, pneumonia_pool, tmp_path, monkeypatch):
+    """The site half of client-dp, on a real site's task runner: a large update is clipped to S over all
+    tensors; with noise_at: site the update that leaves carries N(0, (zS)²) per parameter and the
+    site's own accountant records one release; with noise_at: server it leaves clipped, unnoised."""
+    from sitekit.engine.openfl_adapter import PRIVACY_STATE, FedwardTaskRunner, SiteDataLoader
+
+    monkeypatch.chdir(tmp_path)  # a site's state lives in its working folder
+    task = {"kind": "classification", "dataset": None, "model": {"name": "cnn2d", "channels": [8, 8, 8], "strides": [2, 2],
+            "res_units": 0, "norm": "group"}, "loss": "bce", "metric": "auc", "input_size": [28, 28],
+            "normalize": "zscore", "label": "foreground", "standardise": "site", "feature_stats": None}
+    z, clip = 0.8, 0.05
+    privacy = {"mode": "client-dp", "clip": clip, "noise_multiplier": z, "target_epsilon": None, "delta": 1e-5,
+               "noise_at": noise_at, "accountant": "rdp"}
+    loader = SiteDataLoader(data_path=str(pneumonia_pool["hospital-c"]), batch_size=32, task=task)
+    runner = FedwardTaskRunner(task=task, learning_rate=0.001, privacy=privacy, rounds=3, data_loader=loader)
+    runner._round, runner._epochs = 0, 1
+    before = {k: v.detach().clone() for k, v in runner.model.state_dict().items()}
+    with torch.no_grad():
+        for p in runner.model.parameters():
+            p.add_(0.01)  # an "update" of norm 0.01·√d, far above S
+    runner._clip_update(before)
+    after = runner.model.state_dict()
+    delta = torch.cat([(after[k] - before[k]).reshape(-1) for k in before]).double()
+    d = delta.numel()
+    if noise_at == "server":
+        assert float(delta.norm()) == pytest.approx(clip, rel=1e-5)
+        assert float(delta.std()) < 1e-3 and not PRIVACY_STATE.exists() and runner._privacy_report == {}
+    else:
+        assert float(delta.std()) == pytest.approx(z * clip, rel=0.05) and d > 3000
+        saved = PRIVACY_STATE.read_text()
+        assert '"steps": 1' in saved and '"sample_rate": 1.0' in saved
+        assert runner._privacy_report["epsilon"] == pytest.approx(epsilon_for([(z, 1.0, 1)], 1e-5))
+        assert runner._privacy_report["epsilon_next"] == pytest.approx(epsilon_for([(z, 1.0, 2)], 1e-5))

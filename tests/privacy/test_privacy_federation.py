@@ -35,6 +35,7 @@ from sitekit.engine import openfl_adapter as engine
 from sitekit.spec import load_spec
 
 TRAIN = {"hospital-a": 405, "hospital-b": 297, "hospital-c": 198}  # the pneumonia_pool fixture's sites
+STOP_SITES = ["hospital-a", "hospital-c"]  # unequal: the smaller one spends more per round
 
 
 def rdp_epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:
@@ -73,7 +74,7 @@ def stopped_run(pneumonia_pool, tmp_path_factory, prefect_server, mlflow_server)
     delta, noise = 1e-5, 1.0
     e1, e2 = (dp_sgd_epsilon("hospital-c", r, 32, noise, delta) for r in (1, 2))
     target = (e1 + e2) / 2  # round 1 fits at every site; round 2 does not fit at the smallest
-    path = write_spec(tmp, pneumonia_pool, list(TRAIN), {"mode": "dp-sgd", "noise_multiplier": noise, "max_grad_norm": 1.0,
+    path = write_spec(tmp, pneumonia_pool, STOP_SITES, {"mode": "dp-sgd", "noise_multiplier": noise, "max_grad_norm": 1.0,
                                                           "target_epsilon": target, "delta": delta}, "budget-stop")
     summary = ft.federated_training(str(path), summary_path=str(tmp / "summary.json"), workdir=str(tmp / "runs"))
     return {"summary": summary, "target": target, "e1": e1, "spec": load_spec(path), "tmp": tmp}
@@ -86,7 +87,8 @@ def test_budget_stop_ends_the_run_after_the_last_round_within_budget(stopped_run
     assert p["stopped_for_budget"] and p["stop"]["by"] == "hospital-c" and p["stop"]["rounds_completed"] == 1
     assert p["stop"]["epsilon_next"] > target >= p["epsilon"]
     assert p["epsilon"] == pytest.approx(stopped_run["e1"], rel=1e-5)  # the worst site's, from Opacus directly
-    for site in TRAIN:
+    assert set(p["per_site"]) == set(STOP_SITES)
+    for site in STOP_SITES:
         assert p["per_site"][site]["epsilon"] == pytest.approx(dp_sgd_epsilon(site, 1, 32, 1.0, 1e-5), rel=1e-5)
         # each site's own accountant file: one round's steps, nothing spent on a round that was not run
         saved = json.loads((Path(s["workspace"]) / "sites" / site / engine.PRIVACY_STATE).read_text())
@@ -109,6 +111,7 @@ def test_budget_stop_is_tagged_not_failed_and_the_model_within_budget_is_registe
     assert float(run.data.params["privacy.sample_rate.hospital-c"]) == pytest.approx(1 / 7, rel=1e-5)
     hist = client.get_metric_history(run.info.run_id, "privacy/epsilon")
     assert [m.step for m in hist] == [1] and hist[0].value == pytest.approx(s["privacy"]["epsilon"])
+    assert run.data.metrics["final/privacy/hospital-a/epsilon"] == pytest.approx(s["privacy"]["per_site"]["hospital-a"]["epsilon"])
     reg = s["registered_model"]
     version = client.get_model_version(reg["name"], reg["version"])
     assert float(version.tags["fedward.privacy.epsilon"]) == pytest.approx(s["privacy"]["epsilon"], abs=1e-4)
@@ -214,7 +217,7 @@ def test_client_dp_noise_at_the_server_and_the_aggregators_budget_stop(pneumonia
 def test_privacy_sweep_logs_a_parent_run_with_one_child_per_level(pneumonia_pool, tmp_path, prefect_server, mlflow_server):
     from flows.privacy_sweep import privacy_sweep
 
-    path = write_spec(tmp_path, pneumonia_pool, ["hospital-b", "hospital-c"],
+    path = write_spec(tmp_path, pneumonia_pool, ["hospital-c"],  # one site: the sweep's mechanics, quickly
                       {"mode": "dp-sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-5, "target_epsilon": 0.5},
                       "sweep", rounds=1)
     result = privacy_sweep(str(path), [0.0, 2.0], workdir=str(tmp_path / "runs"), summary_path=str(tmp_path / "sweep.json"))
