@@ -400,9 +400,7 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
         from sitekit.tabular import N_FEATURES
 
         example = torch.zeros((1, N_FEATURES)).numpy()
-    elif spec.task.kind == "classification":
-        example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
-    else:
+    else:  # images: segmentation volumes (3D) and classification images (2D)
         example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
     # "pickle" keeps the MONAI UNet an ordinary nn.Module (eval(), fine-tuning, any batch size);
     # MLflow's default "pt2" export would freeze it to the example's shape.
