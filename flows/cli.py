@@ -4,6 +4,9 @@
 - ``fedward prepare-ixi``                  build the demo's three hospital folders from IXI-HH
 - ``fedward build-images SPEC``            the ``build-site-images`` flow (needs DOCKER_HOST)
 - ``fedward ship SPEC --csr SITE=PATH ...`` the ``ship-plan`` flow: sign, bundle, upload to S3
+- ``fedward prepare-pneumonia``            split PneumoniaMNIST into the privacy benchmark's three hospitals
+- ``fedward privacy-sweep SPEC --noise 0,0.5,1,2``  the same federation at several noise levels (ε vs metric)
+- ``fedward audit SPEC --site NAME``       gradient-inversion audit of what that site would share, run at the site
 """
 from __future__ import annotations
 
@@ -37,6 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     sh.add_argument("--images", help="images.json from 'fedward build-images' (omit: sites run sitekit without an image)")
     sh.add_argument("--bucket", default="fedward-bundles")
     sh.add_argument("--s3-endpoint", help="S3 endpoint URL (default FEDWARD_S3_ENDPOINT, else AWS)")
+    pp = sub.add_parser("prepare-pneumonia", help="split PneumoniaMNIST into three simulated hospitals")
+    pp.add_argument("--source", default=str(DEFAULT_DATA / "medmnist" / "pneumoniamnist.npz"))
+    pp.add_argument("--out", default=".fedward/sites-pneumonia")
+    sw = sub.add_parser("privacy-sweep", help="run a federation at several noise levels; plot ε against the metric")
+    sw.add_argument("spec", help="federation spec (YAML) with a privacy section, e.g. federations/pneumonia-dp.yaml")
+    sw.add_argument("--noise", required=True, help="comma-separated noise multipliers; 0 = without privacy, e.g. 0,0.5,1,2")
+    sw.add_argument("--summary", help="also write the sweep's table as JSON here")
+    sw.add_argument("--workdir", help="where workspaces are created (default .fedward/runs)")
+    au = sub.add_parser("audit", help="gradient-inversion audit of one site's shared update, run inside that site")
+    au.add_argument("spec", help="federation spec (YAML)")
+    au.add_argument("--site", required=True, help="the site to audit (its own process, its own folder)")
+    au.add_argument("--workspace", help="a finished run's workspace: attack its global model instead of the initial one")
+    au.add_argument("--batch-sizes", default="1,4,16")
+    au.add_argument("--iterations", type=int, default=1500, help="attack iterations per reconstruction")
+    au.add_argument("--summary", help="also write the audit's numbers as JSON here")
     args = ap.parse_args(argv)
 
     if args.cmd == "build-images":
@@ -61,6 +79,22 @@ def main(argv: list[str] | None = None) -> int:
         print("send each site its link privately (links/<site>.txt in the federation folder); publish the fingerprints")
         return 0
 
+    if args.cmd == "prepare-pneumonia":
+        from flows.pneumonia_data import prepare_pneumonia_sites
+
+        try:
+            folders = prepare_pneumonia_sites(Path(args.source), Path(args.out))
+        except (FileNotFoundError, FileExistsError) as exc:
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
+        for site, folder in folders.items():
+            print(f"{site}: {folder}")
+        return 0
+    if args.cmd == "privacy-sweep":
+        return _privacy_sweep(args)
+    if args.cmd == "audit":
+        return _audit(args)
+
     if args.cmd == "prepare-ixi":
         from flows.demo_data import prepare_ixi_sites
 
@@ -81,6 +115,50 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         federated_training(args.spec, summary_path=args.summary, workdir=args.workdir)
+    except USER_ERRORS as exc:
+        print(f"fedward: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _privacy_sweep(args) -> int:
+    from flows.federated_training import USER_ERRORS
+    from flows.privacy_sweep import parse_noise_levels, privacy_sweep
+    from sitekit.spec import load_spec
+
+    try:
+        load_spec(args.spec)
+        levels = parse_noise_levels(args.noise)
+    except USER_ERRORS as exc:
+        print(f"fedward: {exc}", file=sys.stderr)
+        return 2
+    try:
+        privacy_sweep(args.spec, levels, workdir=args.workdir, summary_path=args.summary)
+    except USER_ERRORS as exc:
+        print(f"fedward: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _audit(args) -> int:
+    from flows.audit import audit_flow
+    from flows.federated_training import USER_ERRORS
+    from sitekit.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec)
+        if args.site not in spec.site_names:
+            raise SpecError(f"{spec.path}: there is no site '{args.site}' (sites: {', '.join(spec.site_names)}).")
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        if not sizes or min(sizes) < 1 or max(sizes) > 64:
+            raise ValueError
+    except ValueError as exc:
+        msg = str(exc) or f"--batch-sizes must be comma-separated integers between 1 and 64, got {args.batch_sizes!r}"
+        print(f"fedward: {msg}", file=sys.stderr)
+        return 2
+    try:
+        audit_flow(args.spec, args.site, workspace=args.workspace, batch_sizes=sizes, iterations=args.iterations,
+                   summary_path=args.summary)
     except USER_ERRORS as exc:
         print(f"fedward: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,7 @@ from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from flows import gate as gating  # noqa: E402
+from flows import privacy as privacy_flow  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
 from sitekit import pki  # noqa: E402
@@ -169,7 +170,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
         sites = {s.name: sup.start(s.name, "site", [*ADAPTER, "collaborator", "--name", s.name],
                                    workspace / "sites" / s.name, env={"FEDWARD_TORCH_THREADS": threads})
                  for s in spec.sites}
-        round_no, finished = 0, False
+        round_no, finished, rounds_completed, privacy_stop = 0, False, spec.rounds, None
         delivered: set[str] = set()
         last_progress = time.monotonic()
         round_started: dict[int, float] = {}
@@ -192,10 +193,15 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                                         "round/overhead_seconds": wall - train}, step=ev["round"] + 1)
                     history.append(entry)
                     tracking.log_round(ev["round"], ev["federation"], ev["sites"])
+                    if spec.privacy is not None:
+                        privacy_flow.log_round(spec, entry)
                     _print_round(spec, entry)
                     round_no, delivered = ev["round"] + 1, set()
+                elif ev["event"] == "privacy_budget_stop":
+                    privacy_stop = {k: v for k, v in ev.items() if k not in ("event", "time")}
+                    print(privacy_flow.stop_message(privacy_stop), flush=True)
                 elif ev["event"] == "finished":
-                    finished = True
+                    finished, rounds_completed = True, int(ev["rounds"])
                 elif ev["event"] == "failed":
                     raise FederationFailed("aggregator", ev.get("reason", "failed"))
             if finished and agg.poll() is not None:
@@ -218,7 +224,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
         end = time.monotonic() + 15
         while any(p.poll() is None for p in sites.values()) and time.monotonic() < end:
             time.sleep(0.1)
-    return {"history": history, "timing": timing}
+    return {"history": history, "timing": timing, "rounds_completed": rounds_completed, "privacy_stop": privacy_stop}
 
 
 def _print_round(spec: FederationSpec, entry: dict) -> None:
@@ -227,15 +233,23 @@ def _print_round(spec: FederationSpec, entry: dict) -> None:
     score = fed.get(key, float("nan"))
     loss = fed.get("train/train_loss", float("nan"))
     per_site = "  ".join(f"{s} {v.get(key, float('nan')):.3f}" for s, v in sorted(sites.items()))
+    if spec.privacy is not None:  # the training loss stays at the sites under DP; say what was spent instead
+        eps = privacy_flow.round_epsilon(spec, entry)
+        tail = "  ε " + (" ".join(f"{w} {v['epsilon']:.2f}" for w, v in sorted(eps.items())) if eps else "n/a")
+    else:
+        tail = f"  mean train loss {loss:.3f}"
     print(f"round {entry['round'] + 1}/{spec.rounds}: global-model {spec.task.metric} entering the round {score:.3f} [{per_site}]"
-          f"  mean train loss {loss:.3f}  ({entry['wall_seconds']:.1f} s)", flush=True)
+          f"{tail}  ({entry['wall_seconds']:.1f} s)", flush=True)
 
 
 @task(name="train-local-only-baselines", cache_policy=NO_CACHE)
-def train_local_baselines(spec: FederationSpec, workspace: Path) -> dict[str, Path]:
-    """Each site trains on its own data alone with the federated run's budget (same total steps)."""
+def train_local_baselines(spec: FederationSpec, workspace: Path, rounds: int | None = None) -> dict[str, Path]:
+    """Each site trains on its own data alone with the federated run's budget (same total steps).
+
+    ``rounds``: the rounds the federation completed, when fewer than planned."""
+    extra = ["--rounds", str(rounds)] if rounds and rounds != spec.rounds else []
     with Supervisor() as sup:
-        jobs = [sup.start(s.name, "site-job", [*SITEKIT, "train-local", "--workspace", "."], workspace / "sites" / s.name,
+        jobs = [sup.start(s.name, "site-job", [*SITEKIT, "train-local", "--workspace", ".", *extra], workspace / "sites" / s.name,
                           env={"FEDWARD_TORCH_THREADS": os.environ.get("FEDWARD_TORCH_THREADS", "1")})
                 for s in spec.sites]
         sup.wait_all(jobs, timeout=spec.timeouts.round_seconds * spec.rounds, what="local-only training",
@@ -386,7 +400,7 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
         from sitekit.tabular import N_FEATURES
 
         example = torch.zeros((1, N_FEATURES)).numpy()
-    else:
+    else:  # images: segmentation volumes (3D) and classification images (2D)
         example = torch.zeros((1, 1, *spec.task.input_size)).numpy()
     # "pickle" keeps the MONAI UNet an ordinary nn.Module (eval(), fine-tuning, any batch size);
     # MLflow's default "pt2" export would freeze it to the example's shape.
@@ -413,20 +427,25 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
 # --------------------------------------------------------------------------- the flow
 
 @flow(name="federated-training", log_prints=True)
-def federated_training(spec_path: str, summary_path: str | None = None, workdir: str | None = None) -> dict:
-    """Train one federation end to end; return (and optionally write) the per-site summary."""
+def federated_training(spec_path: str, summary_path: str | None = None, workdir: str | None = None,
+                       parent_run_id: str | None = None) -> dict:
+    """Train one federation end to end; return (and optionally write) the per-site summary.
+
+    ``parent_run_id``: log as a child of that MLflow run (the privacy sweep's levels)."""
     t0 = time.time()  # wall clock: compared with the participants' event times
     spec = validate_spec(spec_path)
     summaries = check_site_data(spec)
     if spec.task.kind == "tabular" and spec.task.standardise == "federated":
         spec = federated_statistics(spec, summaries)
+    privacy_plan = privacy_flow.check_budget(spec, summaries) if spec.privacy is not None else None
     check_port_free(spec)
     work = Path(workdir) if workdir else tracking.fedward_home() / "runs"
     tracking.configure(f"fedward/{spec.name}")
     workspace = build_workspace(spec, work)
     print(f"workspace {workspace}: plan hash {engine.plan_hash(workspace / 'aggregator')[:16]}..., "
           f"{len(spec.sites)} site certificates signed by the federation CA")
-    with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}") as run:
+    with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}", nested=parent_run_id is not None,
+                          parent_run_id=parent_run_id) as run:
         mlflow.set_tags({"fedward.federation": spec.name, "fedward.engine": engine.ENGINE,
                          "fedward.workspace": str(workspace), "fedward.algorithm": spec.algorithm})
         mlflow.log_params({
@@ -444,6 +463,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             "plan_hash": engine.plan_hash(workspace / "aggregator"),
             **{f"train_cases.{n}": s["train_cases"] for n, s in summaries.items()},
             **{f"test_cases.{n}": s["test_cases"] for n, s in summaries.items()},
+            **(privacy_flow.mlflow_params(spec, privacy_plan) if privacy_plan else {}),
         })
         mlflow.log_artifact(str(spec.path), "federation")
         if spec.task.feature_stats is not None:  # a user of the registered model needs its input scale
@@ -456,16 +476,20 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         print(f"MLflow run {run.info.run_id} at {mlflow.get_tracking_uri()}")
 
         result = run_rounds(spec, workspace, t0)
+        rounds_done = result["rounds_completed"]  # fewer than planned only when the privacy budget ended the run
         state, last_round = engine.read_global_model(workspace / "aggregator")
-        if last_round != spec.rounds:
+        if last_round != rounds_done or (rounds_done != spec.rounds and not result["privacy_stop"]):
             raise FederationFailed("aggregator", f"final model is from round {last_round}, expected {spec.rounds}")
+        privacy_summary = privacy_flow.final(spec, result, privacy_plan) if privacy_plan else None
+        if privacy_summary:
+            privacy_flow.log_final(privacy_summary)
         import torch
 
         global_path = workspace / "models" / "global.pt"
         global_path.parent.mkdir(exist_ok=True)
         torch.save(state, global_path)
         print("federation finished; training local-only baselines with the same budget ...")
-        local_paths = train_local_baselines(spec, workspace)
+        local_paths = train_local_baselines(spec, workspace, rounds_done)
         models = {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}}
         if spec.simulation:
             models["pooled"] = train_pooled(spec, workspace)
@@ -485,9 +509,9 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
                 if extra in scores[site]:
                     mlflow.log_metric(f"final/{site}/{extra}_{metric}", scores[site][extra])
             # the curve's last point: the registered model, after all rounds
-            mlflow.log_metric(f"site/{site}/global_model_{metric}", r["global"], step=spec.rounds)
+            mlflow.log_metric(f"site/{site}/global_model_{metric}", r["global"], step=rounds_done)
         mlflow.log_metric(f"federation/global_model_{metric}",
-                          sum(table[n]["global"] * n_test[n] for n in table) / sum(n_test.values()), step=spec.rounds)
+                          sum(table[n]["global"] * n_test[n] for n in table) / sum(n_test.values()), step=rounds_done)
         mlflow.log_dict({"scores": scores, "table": table, "rows": rows}, "comparison/scores.json")
         mlflow.log_text(gating.table_csv(rows), "comparison/sites.csv")
         mlflow.log_figure(gating.table_figure(rows, metric, decision), "comparison/sites.png")
@@ -499,10 +523,13 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
                               "curves/learning_curves.png")
         mlflow.log_dict(result, "curves/rounds.json")
         registered = register_global_model(spec, global_path, decision)
+        if privacy_summary:
+            privacy_flow.tag_model_version(registered["name"], registered["version"], privacy_summary)
         wall = time.time() - t0
         mlflow.log_metric("wall_seconds", wall)
         summary = {
-            "metric": metric, "sites": table, "rounds": spec.rounds, "algorithm": spec.algorithm,
+            "metric": metric, "sites": table, "rounds": rounds_done, "planned_rounds": spec.rounds,
+            "algorithm": spec.algorithm, "privacy": privacy_summary,
             "gate": {"passed": decision.passed, "rule": decision.rule, "candidate": decision.candidate,
                      "reason": decision.reason, "margins": decision.margins},
             "scores": scores, "wall_seconds": round(wall, 1),
@@ -520,4 +547,4 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     return summary
 
 
-USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError)
+USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError, privacy_flow.PrivacyBudgetError)

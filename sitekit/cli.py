@@ -6,6 +6,7 @@
 - ``sitekit personalise`` fine-tune the global model on this site's data (personalised model)
 - ``sitekit evaluate``    score models on this site's held-out test cases; only the scores leave
 - ``sitekit ingest``      fetch labelled series from this site's PACS (DICOMweb) into its data folder as NIfTI
+- ``sitekit audit``       gradient-inversion attack on this site's own update; images stay here, numbers leave
 
 For hospital IT (see sitekit/deploy.py): ``fetch`` -> ``preflight`` -> ``approve`` -> ``join``.
 
@@ -20,6 +21,7 @@ import sys
 from pathlib import Path
 
 from sitekit import __version__
+from sitekit.data import DataError
 
 
 def cmd_check_data(args) -> int:
@@ -29,6 +31,8 @@ def cmd_check_data(args) -> int:
 
     if args.kind == "tabular":
         task = TaskSpec(model=ModelSpec(name="logreg"), kind="tabular", dataset=args.dataset)
+    elif args.kind == "classification":
+        task = TaskSpec(model=ModelSpec(name="cnn2d"), kind="classification", metric="auc", loss="bce")
     else:
         task = TaskSpec(model=ModelSpec())
     t = get_task(task)
@@ -104,9 +108,10 @@ def cmd_train_local(args) -> int:
     train = s["task_obj"].dataset(s["site"], s["data"], "train")
     model = s["task_obj"].build_model(seed=s["seed"])
     history: list[float] = []
-    steps = _train(s, model, train, s["rounds"], "local-only", steps_per_round=s["steps_per_round"], history=history)
+    rounds = args.rounds or s["rounds"]  # fewer when the federation stopped early (privacy budget)
+    steps = _train(s, model, train, rounds, "local-only", steps_per_round=s["steps_per_round"], history=history)
     _save_state(model, folder / "local" / "model.pt")
-    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "rounds": s["rounds"], "loss": history}))
+    (folder / "local" / "training.json").write_text(json.dumps({"steps": steps, "rounds": rounds, "loss": history}))
     return 0
 
 
@@ -176,6 +181,83 @@ def cmd_ingest(args) -> int:
     return 0
 
 
+def audit_settings(s: dict) -> list:
+    """The settings an audit compares: no DP, and the federation's configured DP at this site
+    (dp-sgd z = 1, C = 1 for comparison when the spec has none)."""
+    from sitekit.inversion import Setting
+    from sitekit.privacy import site_budget
+
+    settings = [Setting("no-dp", "none")]
+    p = s["privacy"]
+    if p is None:
+        settings.append(Setting("dp-sgd-default", "dp-sgd", 1.0, 1.0))
+    elif p["mode"] == "dp-sgd":
+        n = len(s["task_obj"].dataset(s["site"], s["data"], "train"))
+        b = site_budget(p, n, s["batch_size"], s["epochs_per_round"], s["steps_per_round"], s["rounds"])
+        settings.append(Setting("dp-sgd", "dp-sgd", b.noise_multiplier, b.clip))
+    else:
+        from sitekit.privacy import federation_budget
+
+        b = federation_budget(p, s["rounds"])
+        settings.append(Setting(f"client-dp-{p['noise_at']}", "client-dp", b.noise_multiplier, b.clip, p["noise_at"],
+                                s["learning_rate"]))
+    return settings
+
+
+def cmd_audit(args) -> int:
+    """Gradient-inversion audit of this site's own update (see sitekit.inversion).
+
+    Reconstructions and the figure are written under --out in this folder and never leave it;
+    the last line printed is the report: numbers only."""
+    import torch
+
+    from sitekit.inversion import figure, run_audit
+
+    folder = Path(args.workspace)
+    s = _site(folder)
+    if s["task"].kind != "classification":
+        raise DataError(f"site '{s['site']}': the gradient-inversion audit reconstructs 2D images; this federation's "
+                        f"task is {s['task'].kind}, which the audit does not cover yet.")
+    from sitekit.classification import to_unit
+
+    task = s["task_obj"]
+    train = task.dataset(s["site"], s["data"], "train")
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(s["seed"]))[:max(sizes)]
+    x, y = train.x[order], train.y[order]
+    model = task.build_model(seed=s["seed"])
+    which = "the initial model (what every site trains on in round 1)"
+    if args.model:
+        state = model.state_dict()
+        state.update(torch.load(args.model, map_location="cpu", weights_only=True))
+        model.load_state_dict(state)
+        which = f"the model {args.model}"
+    settings = audit_settings(s)
+    print(f"[{s['site']}] gradient-inversion audit of {which}: batch sizes {sizes}, {args.iterations} iterations, "
+          f"settings {', '.join(x.name for x in settings)}", flush=True)
+    report, pictures = run_audit(model, task.loss(), x, y, train.x.mean(0, keepdim=True), settings, sizes,
+                                 args.iterations, to_unit, seed=s["seed"],
+                                 progress=lambda line: print(f"[{s['site']}] {line}", flush=True))
+    out = folder / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    import numpy as np
+
+    arrays = {f"{k}/{part}": v[i].numpy() for k, v in pictures.items() for i, part in enumerate(("real", "reconstructed"))}
+    tmp = out / ".reconstructions.npz.tmp"
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, out / "reconstructions.npz")
+    fig = figure(pictures, report["rows"])
+    fig.savefig(out / ".reconstructions.tmp.png", dpi=120)
+    os.replace(out / ".reconstructions.tmp.png", out / "reconstructions.png")
+    report.update(site=s["site"], model=("given" if args.model else "initial"), iterations=args.iterations,
+                  batch_sizes=sizes, figure=str(out / "reconstructions.png"))
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    print(f"[{s['site']}] reconstructions and figure kept at this site: {out}", flush=True)
+    print(json.dumps({k: v for k, v in report.items() if k != "figure"}), flush=True)  # numbers only
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sitekit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"sitekit {__version__}")
@@ -183,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("check-data", help="check this site's data folder; prints aggregate counts only")
     d.add_argument("--site", required=True)
     d.add_argument("--data", required=True)
-    d.add_argument("--kind", choices=["segmentation", "tabular"], default="segmentation")
+    d.add_argument("--kind", choices=["segmentation", "tabular", "classification"], default="segmentation")
     d.add_argument("--dataset", default=None, help="tabular tasks: which dataset reader (heart-disease)")
     d.add_argument("--feature-sums", action="store_true",
                    help="tabular tasks: also print this site's count, feature sums and sums of squares")
@@ -193,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     k.add_argument("--name", required=True, help="site name, or the aggregator's host name")
     t = sub.add_parser("train-local", help="train this site's local-only baseline")
     t.add_argument("--workspace", required=True)
+    t.add_argument("--rounds", type=int, default=None, help="rounds of local training (default: the plan's)")
     pz = sub.add_parser("personalise", help="fine-tune the global model on this site's data")
     pz.add_argument("--workspace", required=True)
     pz.add_argument("--model", required=True, help="path of the global model's state dict")
@@ -201,6 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--workspace", required=True)
     e.add_argument("--model", action="append", required=True, help="NAME=PATH of a state dict; repeatable")
     e.add_argument("--out", required=True)
+    a = sub.add_parser("audit", help="gradient-inversion audit of this site's own update (images stay here)")
+    a.add_argument("--workspace", required=True)
+    a.add_argument("--model", default=None, help="state dict to attack (default: the federation's initial model)")
+    a.add_argument("--batch-sizes", default="1,4,16")
+    a.add_argument("--iterations", type=int, default=1500)
+    a.add_argument("--out", default="audit")
     g = sub.add_parser("ingest", help="fetch labelled series from this site's PACS (DICOMweb) as NIfTI cases")
     g.add_argument("--site", required=True)
     g.add_argument("--data", required=True, help="the site's data folder (imagesTr/, labelsTr/ are written there)")
@@ -216,9 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     from sitekit import deploy  # fetch, preflight, approve, join: what hospital IT runs
 
     handlers = {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
-                "personalise": cmd_personalise, "evaluate": cmd_evaluate, "ingest": cmd_ingest, **deploy.add_commands(sub)}
+                "personalise": cmd_personalise, "evaluate": cmd_evaluate, "ingest": cmd_ingest, "audit": cmd_audit, **deploy.add_commands(sub)}
     args = ap.parse_args(argv)
-    from sitekit.data import DataError
 
     try:
         return handlers[args.cmd](args)

@@ -26,11 +26,11 @@ ALGORITHM_SETTINGS: dict[str, dict[str, float]] = {
     "fedbn": {},
 }
 GATE_RULES = ("every_site", "weighted_mean")
-TASK_KINDS = ("segmentation", "tabular")
+TASK_KINDS = ("segmentation", "tabular", "classification")
 DATASETS = ("heart-disease",)  # tabular datasets with a site reader in sitekit.tabular
 LOSSES = ("dice", "dice_ce", "bce")
-METRICS = ("dice", "accuracy")
-MODELS = ("unet3d", "logreg")
+METRICS = ("dice", "accuracy", "auc")
+MODELS = ("unet3d", "logreg", "cnn2d")
 NORMS = ("instance", "instance_affine", "batch")
 NORMALISATIONS = ("zscore",)
 LABELS = ("foreground",)  # brain mask = label > 0
@@ -105,6 +105,7 @@ class FederationSpec:
     personalise_epochs: int = 0  # local fine-tuning after federation (0: none)
     gate: str = "every_site"
     simulation: bool = False  # all sites' data on this machine: the pooled baseline can be trained
+    privacy: "PrivacySpec | None" = None  # differential privacy (see the privacy section below)
 
     @property
     def site_names(self) -> list[str]:
@@ -139,7 +140,7 @@ _TOP = {
     "name": True, "task": True, "sites": True, "rounds": True, "local_epochs": False,
     "batch_size": True, "learning_rate": True, "algorithm": False, "aggregator": False,
     "tls": False, "seed": False, "timeouts": False, "local_steps": False, "personalise": False, "gate": False,
-    "simulation": False,
+    "simulation": False, "privacy": False,
 }
 _TASK = {"model": True, "kind": False, "dataset": False, "loss": False, "metric": False, "input_size": False,
          "preprocessing": False, "standardise": False}
@@ -255,6 +256,8 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
     kind = r.choice(task_raw.get("kind", "segmentation"), "task.kind", TASK_KINDS)
     if kind == "tabular":
         task = _tabular_task(r, task_raw)
+    elif kind == "classification":
+        task = _classification_task(r, task_raw)
     else:
         task = _segmentation_task(r, task_raw)
     return _rest(r, top, path, task)
@@ -274,6 +277,32 @@ def _tabular_task(r: "_Reader", task_raw: dict) -> TaskSpec:
         metric=r.choice(task_raw.get("metric", "accuracy"), "task.metric", ("accuracy",)),
         input_size=(1, 1, 1), normalize="zscore", label="foreground",
         standardise=r.choice(task_raw.get("standardise", "site"), "task.standardise", STANDARDISE),
+    )
+
+
+def _classification_task(r: "_Reader", task_raw: dict) -> TaskSpec:
+    """2D greyscale image classification (e.g. PneumoniaMNIST chest X-rays), binary, scored by AUC."""
+    for key in ("dataset", "preprocessing", "standardise"):
+        if key in task_raw:
+            raise r.fail(f"task.{key}", "does not apply to classification tasks; a classification site's data folder "
+                         "holds its train.npz and test.npz.")
+    model_raw = r.mapping(task_raw["model"], "task.model", {"name": True, "channels": False})
+    if model_raw["name"] != "cnn2d":
+        raise r.fail("task.model.name", f"must be cnn2d for a classification task, got {model_raw['name']!r}.")
+    channels = r.int_list(model_raw.get("channels", [16, 32, 32]), "task.model.channels", 3)
+    if max(channels) > 256:
+        raise r.fail("task.model.channels", f"must be at most 256 per layer, got {list(channels)}.")
+    input_size = r.int_list(task_raw.get("input_size", [28, 28]), "task.input_size", 2)
+    for i, n in enumerate(input_size):
+        if n < 8 or n > 512 or n % 4:
+            raise r.fail(f"task.input_size[{i}]", f"must be a multiple of 4 between 8 and 512 (the network halves "
+                         f"the image twice), got {n}.")
+    return TaskSpec(
+        # group norm: per-example statistics, so DP-SGD's per-example gradients exist (batch norm has none)
+        model=ModelSpec(name="cnn2d", channels=channels, strides=(2, 2), res_units=0, norm="group"),
+        kind="classification", loss=r.choice(task_raw.get("loss", "bce"), "task.loss", ("bce",)),
+        metric=r.choice(task_raw.get("metric", "auc"), "task.metric", ("auc",)),
+        input_size=input_size,  # type: ignore[arg-type]
     )
 
 
@@ -399,6 +428,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
     simulation = top.get("simulation", False)
     if not isinstance(simulation, bool):
         raise r.fail("simulation", f"must be true or false, got {simulation!r}.")
+    privacy = _privacy(r, top["privacy"], task, algorithm) if top.get("privacy") is not None else None
 
     return FederationSpec(
         path=path.resolve(),
@@ -415,8 +445,91 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
         personalise_epochs=personalise,
         gate=r.choice(top.get("gate", "every_site"), "gate", GATE_RULES),
         simulation=simulation,
+        privacy=privacy,
         aggregator=agg,
         tls=tls,
         seed=r.integer(top.get("seed", 0), "seed", 0, 2**31 - 1),
         timeouts=timeouts,
     )
+
+
+# --------------------------------------------------------------------------- privacy
+
+PRIVACY_MODES = ("dp-sgd", "client-dp")
+NOISE_AT = ("server", "site")
+ACCOUNTANTS = ("rdp", "prv")
+_PRIVACY = {"mode": True, "noise_multiplier": False, "max_grad_norm": False, "clip_norm": False, "noise_at": False,
+            "target_epsilon": False, "delta": False, "accountant": False}
+
+
+@dataclass(frozen=True)
+class PrivacySpec:
+    """Differential privacy for a federation; the mechanisms live in :mod:`sitekit.privacy`.
+
+    - ``dp-sgd``: every site trains with DP-SGD (each example's gradient clipped to ``clip``,
+      Gaussian noise ``noise_multiplier * clip`` per step, Poisson sampling); ε per site.
+    - ``client-dp``: DP-FedAvg; each site's update is clipped to ``clip`` and Gaussian noise
+      ``noise_multiplier * clip`` is added to the sum of updates, at the server or at each site.
+
+    ``noise_multiplier`` None: derived at each site from ``target_epsilon`` for the whole run.
+    ``delta`` None: 1/N at each site, N its number of training cases (dp-sgd only).
+    """
+
+    mode: str
+    clip: float  # dp-sgd: max_grad_norm (per example); client-dp: clip_norm (per site update)
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float | None = None
+    noise_at: str = "site"
+    accountant: str = "rdp"
+
+
+def _privacy(r: "_Reader", raw: Any, task: TaskSpec, algorithm: str) -> PrivacySpec:
+    p = r.mapping(raw, "privacy", _PRIVACY)
+    mode = r.choice(p["mode"], "privacy.mode", PRIVACY_MODES)
+    if mode == "dp-sgd":
+        if "clip_norm" in p:
+            raise r.fail("privacy.clip_norm", "applies to client-dp only; dp-sgd clips each example's gradient to "
+                         "privacy.max_grad_norm.")
+        if p.get("noise_at", "site") != "site":
+            raise r.fail("privacy.noise_at", "must be site (or left out) for dp-sgd, which adds its noise at each site "
+                         f"in every optimiser step, got {p['noise_at']!r}.")
+        clip = r.number(p.get("max_grad_norm", 1.0), "privacy.max_grad_norm")
+        noise_at = "site"
+        if task.kind == "segmentation" and task.model.norm == "batch":
+            raise r.fail("task.model.norm", "is batch, which dp-sgd cannot train (batch statistics mix examples, so "
+                         "per-example gradients do not exist); use instance or instance_affine.")
+    else:
+        if "max_grad_norm" in p:
+            raise r.fail("privacy.max_grad_norm", "applies to dp-sgd only; client-dp clips each site's update to "
+                         "privacy.clip_norm.")
+        if "clip_norm" not in p:
+            raise r.fail("privacy.clip_norm", "is missing; client-dp needs the largest update norm a site may send "
+                         "(e.g. 0.5).")
+        clip = r.number(p["clip_norm"], "privacy.clip_norm")
+        noise_at = r.choice(p.get("noise_at", "server"), "privacy.noise_at", NOISE_AT)
+        if "delta" not in p:
+            raise r.fail("privacy.delta", "is missing; client-dp protects whole sites, so 1/(number of sites) would "
+                         "protect nothing: give a small delta such as 1.0e-5.")
+        if algorithm == "scaffold":
+            raise r.fail("algorithm", "is scaffold, whose control variate would leave each site without client-dp's "
+                         "clipping and noise; choose fedavg, fedprox, fedadam, fedyogi or fedbn.")
+    noise = target = delta = None
+    if p.get("noise_multiplier") is not None:
+        noise = r.number(p["noise_multiplier"], "privacy.noise_multiplier", positive=False)
+        if not 0 < noise <= 100:
+            raise r.fail("privacy.noise_multiplier", f"must be greater than 0 and at most 100, got {noise} "
+                         "(to train without privacy, remove the privacy section).")
+    if p.get("target_epsilon") is not None:
+        target = r.number(p["target_epsilon"], "privacy.target_epsilon")
+        if target > 1000:
+            raise r.fail("privacy.target_epsilon", f"must be at most 1000, got {target}.")
+    if noise is None and target is None:
+        raise r.fail("privacy.noise_multiplier", "is missing; give privacy.noise_multiplier, or privacy.target_epsilon "
+                     "for fedward to derive it.")
+    if p.get("delta") is not None:
+        delta = r.number(p["delta"], "privacy.delta")
+        if not delta < 1:
+            raise r.fail("privacy.delta", f"must be between 0 and 1 (e.g. 1.0e-5), got {delta}.")
+    return PrivacySpec(mode=mode, clip=clip, noise_multiplier=noise, target_epsilon=target, delta=delta,
+                       noise_at=noise_at, accountant=r.choice(p.get("accountant", "rdp"), "privacy.accountant", ACCOUNTANTS))

@@ -3,6 +3,8 @@ task runner, the baselines and the evaluation never branch on the kind of data.
 
 - ``segmentation``: 3D brain-mask segmentation on NIfTI volumes (:mod:`sitekit.data`), MONAI UNet, Dice.
 - ``tabular``: a site's table (e.g. UCI heart disease, :mod:`sitekit.tabular`), logistic regression, accuracy.
+- ``classification``: 2D greyscale images with a 0/1 label (e.g. PneumoniaMNIST, :mod:`sitekit.classification`),
+  a small group-norm CNN, AUC.
 
 Every method runs inside a site's process and reads only that site's data.
 """
@@ -30,6 +32,10 @@ class Task:
             from sitekit import tabular
 
             return tabular.inspect_site(site, Path(path))
+        if self.spec.kind == "classification":
+            from sitekit import classification
+
+            return classification.inspect_site(site, Path(path))
         from dataclasses import asdict
 
         from sitekit.data import inspect_site
@@ -41,6 +47,10 @@ class Task:
             from sitekit import tabular
 
             return tabular.TabularSet(site, Path(path), split, standardise=self._tabular_scale())
+        if self.spec.kind == "classification":
+            from sitekit import classification
+
+            return classification.ImageSet(site, Path(path), split, tuple(self.spec.input_size))
         from sitekit.data import SiteVolumes
 
         return SiteVolumes(site, Path(path), split, tuple(self.spec.input_size))
@@ -64,12 +74,16 @@ class Task:
             from sitekit import tabular
 
             return tabular.build_logreg(seed)
+        if self.spec.kind == "classification":
+            from sitekit import classification
+
+            return classification.build_cnn(self.spec.model.channels, self.spec.input_size, seed)
         from sitekit.model import build_model
 
         return build_model(self.spec, seed)
 
     def loss(self) -> torch.nn.Module:
-        if self.spec.kind == "tabular":
+        if self.spec.kind in ("tabular", "classification"):
             from sitekit import tabular
 
             return tabular.bce_loss()
@@ -78,7 +92,7 @@ class Task:
         return build_loss(self.spec)
 
     def score(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Per-sample metric, shape (B,): Dice per volume or correctness per patient."""
+        """Per-sample metric, shape (B,): Dice per volume or correctness per patient (not for AUC)."""
         if self.spec.kind == "tabular":
             from sitekit import tabular
 
@@ -89,9 +103,19 @@ class Task:
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, dataset, batch_size: int = 2) -> float:
-        """Mean per-sample metric over a dataset (Dice per case, or accuracy)."""
+        """The metric over a dataset (mean Dice per case, accuracy, or AUC over all cases)."""
+        return self.evaluate_batches(model, torch.utils.data.DataLoader(dataset, batch_size=batch_size))
+
+    @torch.no_grad()
+    def evaluate_batches(self, model: torch.nn.Module, batches) -> float:
+        """The metric over ``(x, y)`` batches: a mean of per-sample scores, or AUC over every case at once."""
         model.eval()
-        scores = [self.score(model(x), y) for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size)]
+        if self.spec.metric == "auc":
+            from sitekit.classification import auc
+
+            logits, labels = zip(*[(model(x).reshape(-1), y.reshape(-1)) for x, y in batches])
+            return auc(torch.cat(logits), torch.cat(labels))
+        scores = [self.score(model(x), y) for x, y in batches]
         # float64: a mean of float32 scores drifts by ~1e-7, enough to break a tie between two models
         return float(torch.cat(scores).double().mean())
 

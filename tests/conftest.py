@@ -52,6 +52,18 @@ def ixi_pool(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def pneumonia_pool(tmp_path_factory) -> dict[str, Path]:
+    """Three small real PneumoniaMNIST sites (the benchmark's seeded 45/33/22 % split of the first
+    900 training and 300 test images: 405/297/198 training, 135/99/66 test), read-only by convention."""
+    from flows.pneumonia_data import prepare_pneumonia_sites
+
+    source = DATA / "medmnist" / "pneumoniamnist.npz"
+    if not source.exists():
+        pytest.fail(f"PneumoniaMNIST not found at {source}; set FEDWARD_DATA to the shared data folder")
+    return prepare_pneumonia_sites(source, tmp_path_factory.mktemp("pneumonia-sites"), max_train=900, max_test=300)
+
+
 @pytest.fixture
 def sites(ixi_pool, tmp_path) -> dict[str, Path]:
     """A private copy of the pool for tests that break files."""

@@ -20,7 +20,12 @@ OpenFL 1.9 behaviours handled here (see ENVIRONMENT.md):
 - collaborators retry failed RPCs forever: before joining, a site makes one bounded,
   authenticated Ping and exits with a reason if the aggregator refuses it;
 - callbacks are not read from the plan and an exception inside one hangs the federation:
-  ours are injected in Python and never raise.
+  ours are injected in Python and never raise;
+- differential privacy (:mod:`sitekit.privacy`): DP-SGD runs inside the task runner's train
+  step; client-level DP clips at the site and adds noise in :class:`FedwardAggregation` (or at
+  the site); a federation whose next round would exceed ``target_epsilon`` is ended by the
+  aggregator after the last round within budget (OpenFL has no such notion: we lower
+  ``rounds_to_train`` in the round-end callback, so OpenFL finishes the experiment cleanly).
 """
 from __future__ import annotations
 
@@ -44,6 +49,8 @@ from sitekit.algorithms.fedprox import ProximalTerm
 from sitekit.data import DataError
 from sitekit.layout import participant_layout  # noqa: F401  (re-exported: the OpenFL folder convention)
 from sitekit.netcheck import tls_probe
+from sitekit.privacy import PrivacyAccountant, federation_budget, site_budget
+from sitekit.privacy import client_dp
 from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
 from sitekit.tasks import get_task
 from sitekit.training import make_loader, make_optimizer, train_round
@@ -75,12 +82,29 @@ MODEL_PREFIX = "model."  # the task runner holds the network as ``self.model``
 SCAFFOLD_PREFIX = "scaffold_c."  # SCAFFOLD: the server control variate travels beside the model
 SITE_STATE = Path("site_state")  # what a site keeps between rounds and across restarts (never sent)
 SERVER_STATE = Path("local_state/server")  # the aggregator's optimiser state, one file per round
+PRIVACY_STATE = SITE_STATE / "privacy.json"  # a site's privacy accountant (dp-sgd; client-dp with noise at the site)
+PRIVACY_STOP = Path("local_state/privacy_stop.json")  # the aggregator's budget stop, kept across a restart
+PRIVACY_METRICS = ("epsilon", "epsilon_next", "delta", "noise_multiplier", "sample_rate", "privacy_steps")
 
 # Exit codes a participant uses so the supervisor can say what happened.
 EXIT_DATA = 3
 EXIT_REFUSED = 4
 EXIT_UNREACHABLE = 5
 EXIT_CRASH = 6
+EXIT_PRIVACY = 7  # a site refused a round that would exceed its privacy budget
+
+
+class PrivacyBudgetExceeded(RuntimeError):
+    """A site was asked to train a round that would take it past ``target_epsilon``."""
+
+
+def privacy_to_dict(privacy) -> dict | None:
+    """The spec's privacy section as plain data for the plan (None: no DP)."""
+    if privacy is None:
+        return None
+    from dataclasses import asdict
+
+    return asdict(privacy)
 
 
 # --------------------------------------------------------------------------- plan & layout
@@ -110,7 +134,7 @@ def task_from_dict(d: dict) -> TaskSpec:
 def plan_config(spec: FederationSpec) -> dict:
     """The OpenFL plan for a federation. Nothing site-specific may appear here."""
     tls = bool(spec.tls)
-    return {
+    plan = {
         "aggregator": {
             "template": "sitekit.engine.openfl_adapter.FedwardAggregator",
             "settings": {
@@ -159,6 +183,12 @@ def plan_config(spec: FederationSpec) -> dict:
         },
         "compression_pipeline": {"template": "openfl.pipelines.NoCompressionPipeline", "settings": {}},
     }
+    if spec.privacy is not None:
+        privacy = privacy_to_dict(spec.privacy)
+        plan["aggregator"]["settings"]["privacy"] = privacy
+        plan["task_runner"]["settings"].update(privacy=privacy, rounds=spec.rounds)
+        plan["tasks"]["train"]["aggregation_type"]["settings"].update(privacy=privacy, rounds=spec.rounds)
+    return plan
 
 
 def plan_text(spec: FederationSpec) -> str:
@@ -224,6 +254,7 @@ def site_settings(folder: Path) -> dict:
         "steps_per_round": runner.get("local_steps"),
         "rounds": int(plan["aggregator"]["settings"]["rounds_to_train"]),
         "algorithm": runner.get("algorithm", "fedavg"), "algorithm_params": runner.get("algorithm_params", {}),
+        "privacy": runner.get("privacy"),
     }
 
 
@@ -287,8 +318,12 @@ class FedwardTaskRunner(PyTorchTaskRunner):
     """
 
     def __init__(self, task: dict, learning_rate: float, seed: int = 0, algorithm: str = "fedavg",
-                 algorithm_params: dict | None = None, local_steps: int | None = None, **kwargs):
+                 algorithm_params: dict | None = None, local_steps: int | None = None,
+                 privacy: dict | None = None, rounds: int | None = None, **kwargs):
         super().__init__(device="cpu", **kwargs)
+        self.privacy = dict(privacy) if privacy else None
+        self.rounds = rounds
+        self._privacy_report: dict[str, float] = {}
         self.task = get_task(task_from_dict(task))
         self.model = self.task.build_model(seed=seed)
         self.loss_fn = self.task.loss()
@@ -368,6 +403,8 @@ class FedwardTaskRunner(PyTorchTaskRunner):
         global_out, local_out = super().train_task(col_name, round_num, input_tensor_dict, epochs=1, **kwargs)
         # Reported alongside the loss so the control plane can split round time into training vs overhead.
         global_out[TensorKey("train_seconds", col_name, round_num, True, ("metric",))] = np.array(self._train_seconds)
+        for name, value in self._privacy_report.items():  # ε spent and what one more round would cost
+            global_out[TensorKey(name, col_name, round_num, True, ("metric",))] = np.array(value)
         if self.site_local_names:
             self._save("fedbn.pt", {"round": self._round, "tensors": {
                 k: v.detach().clone() for k, v in self.state_dict().items() if k in self.site_local_names}})
@@ -387,8 +424,17 @@ class FedwardTaskRunner(PyTorchTaskRunner):
             c_server = [p.detach().clone() for p in self.scaffold_c.parameters()]
             c_site = self._scaffold_site_variate(c_server)
             correction = [c - ci for c, ci in zip(c_server, c_site)]
-        result = train_round(self.model, self._loaders(train_dataloader), self.optimizer, self.loss_fn,
-                             epochs=self._epochs, steps=self.local_steps, prox=prox, correction=correction)
+        mode = self.privacy["mode"] if self.privacy else None
+        if mode == "dp-sgd":
+            result = self._train_dp_sgd(prox, correction)
+        else:
+            before = {k: v.detach().clone() for k, v in self.model.state_dict().items()} if mode == "client-dp" else None
+            if mode == "client-dp":
+                self._check_site_budget()
+            result = train_round(self.model, self._loaders(train_dataloader), self.optimizer, self.loss_fn,
+                                 epochs=self._epochs, steps=self.local_steps, prox=prox, correction=correction)
+            if mode == "client-dp":
+                self._clip_update(before)
         self._train_seconds += result.seconds
         if self.algorithm == "scaffold":
             lr = self.params["local_lr"]
@@ -400,7 +446,78 @@ class FedwardTaskRunner(PyTorchTaskRunner):
             with torch.no_grad():  # what leaves the site: Δc_i = c_i⁺ − c_i
                 for dst, a, b in zip(self.scaffold_c.parameters(), new_c, c_site):
                     dst.copy_(a - b)
-        return Metric(name="train_loss", value=np.array(result.loss))
+        # Under DP the training loss stays at the site: it is a function of the training data that
+        # the guarantee does not cover.
+        return Metric(name="train_loss", value=np.array(float("nan") if self.privacy else result.loss))
+
+    # -- differential privacy (sitekit.privacy) -------------------------------------------------
+
+    def _budget(self):
+        """This site's schedule: sampling rate, steps per round, noise multiplier (given or derived), δ."""
+        key = (len(self.data_loader.train_set), self.data_loader.batch_size, self._epochs)
+        if getattr(self, "_budget_cache", (None,))[0] != key:  # deriving the noise is a search: once per run
+            self._budget_cache = (key, site_budget(self.privacy, key[0], key[1], key[2], self.local_steps, self.rounds or 1))
+        return self._budget_cache[1]
+
+    def _check_site_budget(self):
+        """Refuse (before touching the data) a round that would exceed the target; returns (budget, accountant)."""
+        b = self._budget()
+        if self.privacy["mode"] == "client-dp" and b.noise_at != "site":
+            return b, None  # noise is added (and accounted) at the aggregator
+        acc = PrivacyAccountant.load(PRIVACY_STATE, b.accountant)
+        after = acc.epsilon_after(b.delta, b.noise_multiplier, b.sample_rate, b.steps_per_round)
+        if b.target_epsilon is not None and after > b.target_epsilon:
+            raise PrivacyBudgetExceeded(
+                f"site '{os.environ.get('FEDWARD_SITE', '?')}' refused round {self._round + 1}: it would spend ε = {after:.3f} "
+                f"(δ = {b.delta:.3g}), beyond privacy.target_epsilon {b.target_epsilon}; nothing was trained or sent")
+        return b, acc
+
+    def _report_privacy(self, b, acc) -> None:
+        eps = acc.epsilon(b.delta)
+        nxt = acc.epsilon_after(b.delta, b.noise_multiplier, b.sample_rate, b.steps_per_round)
+        self._privacy_report = {"epsilon": eps, "epsilon_next": nxt, "delta": b.delta,
+                                "noise_multiplier": b.noise_multiplier, "sample_rate": b.sample_rate,
+                                "privacy_steps": float(acc.steps)}
+        log.info("privacy: ε = %.3f after round %d (δ = %.3g); one more round would reach %.3f", eps, self._round + 1, b.delta, nxt)
+
+    def _train_dp_sgd(self, prox, correction):
+        from sitekit.privacy.dpsgd import train_round_dp
+        from sitekit.training import EpochResult
+
+        b, acc = self._check_site_budget()
+
+        def extra_gradient(ps):
+            # data-independent terms, added after clipping and noise (see sitekit.privacy.dpsgd)
+            terms = [torch.zeros_like(p) for p in ps]
+            if prox is not None and prox.mu:
+                terms = [t + prox.mu * (p.detach() - a) for t, p, a in zip(terms, ps, prox.anchor)]
+            if correction is not None:
+                terms = [t + c for t, c in zip(terms, correction)]
+            return terms if (prox is not None or correction is not None) else None
+
+        res = train_round_dp(self.model, self.data_loader.train_set, batch_size=self.data_loader.batch_size,
+                             optimizer=self.optimizer, loss_fn=self.loss_fn, noise_multiplier=b.noise_multiplier,
+                             max_grad_norm=b.clip, steps=b.steps_per_round, extra_gradient=extra_gradient)
+        # Recorded (and fsynced) before the update can leave the site.
+        acc.record(self._round, b.noise_multiplier, b.sample_rate, res.steps)
+        self._report_privacy(b, acc)
+        return EpochResult(res.loss, res.steps, res.seconds)
+
+    def _clip_update(self, before: dict[str, torch.Tensor]) -> None:
+        """client-dp: clip this site's update to clip_norm (and add the noise here for noise_at: site)."""
+        b, acc = self._check_site_budget()
+        state = self.model.state_dict()
+        shared = [k for k, v in state.items() if k not in self.site_local_names and torch.is_floating_point(v)]
+        clipped, norm = client_dp.clip_update({k: state[k] for k in shared}, {k: before[k] for k in shared}, b.clip)
+        if b.noise_at == "site":
+            from sitekit.privacy.dpsgd import secret_generator
+
+            clipped = client_dp.add_site_noise(clipped, b.noise_multiplier * b.clip, secret_generator())
+            acc.record(self._round, b.noise_multiplier, b.sample_rate, b.steps_per_round)
+            self._report_privacy(b, acc)
+        state.update(clipped)
+        self.model.load_state_dict(state)
+        log.info("client-dp: update norm %.4f clipped to %.4f", norm, min(norm, b.clip))  # stays in the site's log
 
     def _scaffold_site_variate(self, like: list[torch.Tensor]) -> list[torch.Tensor]:
         path = SITE_STATE / "scaffold.pt"
@@ -410,10 +527,7 @@ class FedwardTaskRunner(PyTorchTaskRunner):
         return saved["before"] if int(saved["round"]) >= self._round else saved["after"]
 
     def validate_(self, validation_dataloader) -> Metric:
-        self.model.eval()
-        with torch.no_grad():
-            scores = [self.task.score(self.model(x), y) for x, y in validation_dataloader]
-        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).double().mean())))
+        return Metric(name=self.task.metric, value=np.array(self.task.evaluate_batches(self.model, validation_dataloader)))
 
 
 SegmentationTaskRunner = FedwardTaskRunner  # the name plans written before the algorithms work used
@@ -430,11 +544,22 @@ class FedwardAggregation(AggregationFunction):
 
     Its state (the last global value of each tensor, the adaptive moments) is written per round
     under ``local_state/server/`` by :class:`FedwardAggregator` and reloaded after a restart.
+
+    client-dp (:mod:`sitekit.privacy.client_dp`): the mean is over sites with equal weights and a
+    fixed denominator (the number of sites), plus Gaussian noise z·S/K when the noise is added
+    here (``noise_at: server``); the algorithm's server step then works on that noisy mean. Each
+    tensor's release is computed once per round and cached, so a repeated call never draws new
+    noise. ε is a function of the number of rounds released (persisted with the server state).
     """
 
-    def __init__(self, algorithm: str = "fedavg", params: dict | None = None, n_sites: int = 1):
+    def __init__(self, algorithm: str = "fedavg", params: dict | None = None, n_sites: int = 1,
+                 privacy: dict | None = None, rounds: int | None = None):
         super().__init__()
         self.algorithm, self.params, self.n_sites = algorithm, dict(params or {}), int(n_sites)
+        self.privacy = dict(privacy) if privacy and privacy.get("mode") == "client-dp" else None
+        self.budget = federation_budget(self.privacy, rounds or 1) if self.privacy else None
+        self._released: dict[tuple[str, int], np.ndarray] = {}
+        self._noise = client_dp.secret_rng()
         self.current: dict[str, np.ndarray] = {}  # the global value this function last produced, per tensor
         self.rounds_aggregated = 0
         self._last_round = None
@@ -458,10 +583,17 @@ class FedwardAggregation(AggregationFunction):
         if self._last_round != fl_round:
             self._last_round = fl_round
             self.rounds_aggregated += 1
+        if (tensor_name, fl_round) in self._released:
+            return self._released[(tensor_name, fl_round)]
         values = [np.asarray(t.tensor, dtype=np.float64) for t in local_tensors]
         weights = np.array([t.weight for t in local_tensors], dtype=np.float64)
-        mean = sum(w * v for w, v in zip(weights / weights.sum(), values))
         dtype = np.asarray(local_tensors[0].tensor).dtype
+        if self.privacy is not None and np.issubdtype(dtype, np.floating):
+            b = self.budget
+            mean = client_dp.noisy_mean(values, self.n_sites, b.noise_multiplier * b.clip if b.noise_at == "server" else 0.0,
+                                        self._noise)
+        else:
+            mean = sum(w * v for w, v in zip(weights / weights.sum(), values))
         if not np.issubdtype(dtype, np.floating):
             out = np.rint(mean)
         elif tensor_name.startswith(SCAFFOLD_PREFIX):
@@ -477,6 +609,9 @@ class FedwardAggregation(AggregationFunction):
             out = mean
         out = np.asarray(out).astype(dtype)
         self.current[tensor_name] = out
+        if self.privacy is not None:
+            self._released = {k: v for k, v in self._released.items() if k[1] >= fl_round}
+            self._released[(tensor_name, fl_round)] = out
         return out
 
     # -- state that must survive an aggregator restart --------------------------------------------
@@ -514,6 +649,11 @@ class FedwardAggregation(AggregationFunction):
         c = [v for k, v in self.current.items() if k.startswith(SCAFFOLD_PREFIX)]
         if c:
             out["scaffold_c_norm"] = float(np.sqrt(sum(float(np.sum(np.square(v))) for v in c)))
+        if self.privacy is not None and self.budget.noise_at == "server":
+            out["privacy_epsilon"] = self.budget.epsilon_after(self.rounds_aggregated)
+            out["privacy_epsilon_next"] = self.budget.epsilon_after(self.rounds_aggregated + 1)
+            out["privacy_delta"] = self.budget.delta
+            out["privacy_noise_multiplier"] = self.budget.noise_multiplier
         return out
 
 
@@ -547,11 +687,14 @@ class _RoundEvents(Callback):
                 m = self.agg.metric_queue.get_nowait()
                 name = f"{m['task_name']}/{m['metric_name']}"
                 if m["metric_origin"] == "aggregator":
+                    if m["metric_name"] in PRIVACY_METRICS:
+                        continue  # a case-weighted mean of the sites' ε is no one's guarantee
                     federation[name] = m["metric_value"]
                 else:
                     sites.setdefault(m["metric_origin"], {})[name] = m["metric_value"]
-            self.agg.events.emit("round_end", round=int(round_num), federation=federation, sites=sites,
-                                 server=self.agg.aggregation.summary())
+            server = self.agg.aggregation.summary()
+            self.agg.events.emit("round_end", round=int(round_num), federation=federation, sites=sites, server=server)
+            self.agg.check_privacy_budget(int(round_num), sites, server)
         except Exception:
             log.exception("round-end bookkeeping failed")
 
@@ -561,7 +704,9 @@ class _RoundEvents(Callback):
             # last round's updates sits in the tensor db as next round's model until clean-up.
             if self.agg.round_number >= self.agg.rounds_to_train:
                 self.agg._save_model(self.agg.round_number, str(FINAL_MODEL))
-                self.agg.events.emit("finished", rounds=int(self.agg.rounds_to_train), model=str(FINAL_MODEL))
+                self.agg.events.emit("finished", rounds=int(self.agg.rounds_to_train), model=str(FINAL_MODEL),
+                                     **({"stopped_for_privacy_budget": True, "planned_rounds": self.agg.planned_rounds}
+                                        if self.agg.privacy_stop else {}))
             else:
                 self.agg.events.emit("stopped_early", round=int(self.agg.round_number))
         except Exception:
@@ -572,8 +717,14 @@ class _RoundEvents(Callback):
 class FedwardAggregator(Aggregator):
     """OpenFL's aggregator plus progress events and round-boundary long-polling."""
 
-    def __init__(self, events_path: str = str(EVENTS), long_poll_seconds: float = 2.0, **kwargs):
+    def __init__(self, events_path: str = str(EVENTS), long_poll_seconds: float = 2.0, privacy: dict | None = None,
+                 **kwargs):
         self.events = EventLog(Path(events_path))
+        self.privacy = privacy
+        self.planned_rounds = int(kwargs.get("rounds_to_train", 1))
+        self.privacy_stop = json.loads(PRIVACY_STOP.read_text()) if PRIVACY_STOP.exists() else None
+        if self.privacy_stop:  # a restart after the budget stop must not train past it
+            kwargs["rounds_to_train"] = int(self.privacy_stop["rounds_completed"])
         self.long_poll_seconds = long_poll_seconds
         self._progress = threading.Condition()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _RoundEvents(self)]
@@ -597,6 +748,29 @@ class FedwardAggregator(Aggregator):
         if not db.load_tensors(db.get_tensors_table_name()):
             return None
         return int(db.get_round_and_best_score()[0])
+
+    def check_privacy_budget(self, round_num: int, sites: dict, server: dict) -> None:
+        """After round ``round_num`` (0-based): end the federation here if the next round would exceed the target.
+
+        The next round's ε comes from whoever spends it: each site's own accountant (dp-sgd, and
+        client-dp with noise at the sites) reported as ``train/epsilon_next``, or this
+        aggregator's (client-dp with noise here). A site that sent no such figure stops the run."""
+        target = (self.privacy or {}).get("target_epsilon")
+        if target is None or round_num + 1 >= self.rounds_to_train:
+            return
+        if self.privacy["mode"] == "client-dp" and self.privacy.get("noise_at") == "server":
+            nxt = {"aggregator": float(server.get("privacy_epsilon_next", float("inf")))}
+        else:
+            nxt = {s: float(v.get("train/epsilon_next", float("inf"))) for s, v in sites.items()}
+            nxt.update({s: float("inf") for s in self.authorized_cols if s not in nxt})
+        who = max(nxt, key=nxt.get)
+        if nxt[who] <= target:
+            return
+        self.privacy_stop = {"rounds_completed": round_num + 1, "planned_rounds": self.planned_rounds, "by": who,
+                             "epsilon_next": nxt[who], "target_epsilon": target}
+        _atomic_write(PRIVACY_STOP, json.dumps(self.privacy_stop))
+        self.rounds_to_train = round_num + 1  # OpenFL ends the experiment as this round closes
+        self.events.emit("privacy_budget_stop", round=round_num, **self.privacy_stop)
 
     def _save_model(self, round_number, file_path):
         if file_path == self.last_state_path:  # the round is being committed: commit ours with it
@@ -762,7 +936,10 @@ def run_collaborator(name: str, admission_timeout: float = 30.0) -> int:
         collaborator = plan.get_collaborator(name)  # loads the site's data
     except DataError as exc:
         return _status(EXIT_DATA, str(exc))
-    collaborator.run()
+    try:
+        collaborator.run()
+    except PrivacyBudgetExceeded as exc:
+        return _status(EXIT_PRIVACY, str(exc))
     _atomic_write(STATUS, json.dumps({"exit": 0, "reason": "finished"}))
     return 0
 
