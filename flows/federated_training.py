@@ -25,11 +25,13 @@ import mlflow  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows import compliance, promotion  # noqa: E402
 from flows import gate as gating  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
 from sitekit import pki  # noqa: E402
 from sitekit.data import DataError  # noqa: E402
+from sitekit.governance import GovernanceError  # noqa: E402
 from sitekit.engine import openfl_adapter as engine  # noqa: E402
 from sitekit.spec import FederationSpec, SpecError, load_spec  # noqa: E402
 
@@ -155,6 +157,8 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
     history: list[dict] = []
     timing: dict = {}
     threads = os.environ.get("FEDWARD_TORCH_THREADS", "1")
+    audit = compliance.audit_log(workspace)
+    compliance.require_governance_now(spec, "before round 1")
     with Supervisor() as sup:
         agg = sup.start("aggregator", "aggregator", [*ADAPTER, "aggregator"], agg_dir)
         tail = EventTail(agg_dir / engine.EVENTS)
@@ -180,6 +184,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     round_started.setdefault(ev["round"], ev["time"])
                     timing.setdefault("first_round_start_s", ev["time"] - t0)
                 elif ev["event"] == "result":
+                    compliance.record_update(audit, ev)
                     if ev["task"] == "train":
                         delivered.add(ev["site"])
                 elif ev["event"] == "round_end":
@@ -194,6 +199,8 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     tracking.log_round(ev["round"], ev["federation"], ev["sites"])
                     _print_round(spec, entry)
                     round_no, delivered = ev["round"] + 1, set()
+                    if round_no < spec.rounds:  # a site's agreement may lapse while the federation runs
+                        compliance.require_governance_now(spec, f"before round {round_no + 1}")
                 elif ev["event"] == "finished":
                     finished = True
                 elif ev["event"] == "failed":
@@ -410,6 +417,37 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
             "candidate": bool(decision.passed) if decision is not None else None}
 
 
+@task(name="review-and-promote", cache_policy=NO_CACHE)
+def review_and_promote(spec: FederationSpec, workspace: Path, run_id: str, registered: dict, global_path: Path,
+                       scores: dict, summaries: dict, decision, champion, audit):
+    """Champion or challenger; then the audit trail, the model card and tags, and the DPIA annex."""
+    from flows import dpia, model_card
+
+    version = registered["version"]
+    audit.append("model_registered", name=spec.name, version=version, model_sha256=compliance.file_sha256(global_path),
+                 run_id=run_id, gate="passed" if decision.passed else "refused")
+    n_test = {n: s["test_cases"] for n, s in summaries.items()}
+    promoted = promotion.decide(scores, n_test, decision, champion, rule=spec.gate)
+    promotion.apply(spec, version, promoted)
+    audit.append("promotion", name=spec.name, version=version, alias=promoted.alias, reason=promoted.reason,
+                 champion_before=promoted.champion_version)
+    records = audit.records()
+    per_round = {site: max(r.values()) for site, r in dpia.measured_bytes(records).items()}
+    plan_hash = engine.plan_hash(workspace / "aggregator")
+    cases = {n: {"train": s["train_cases"], "test": s["test_cases"]} for n, s in summaries.items()}
+    head = audit.head()
+    card = model_card.markdown(spec, version=version, run_id=run_id, cases=cases, scores=scores, gate=decision,
+                               promotion=promoted, audit_head=head, audit_records=len(records), plan_hash=plan_hash,
+                               spec_sha256=compliance.file_sha256(spec.path), bytes_per_round=per_round, engine=engine.ENGINE)
+    model_card.publish(spec, version, card, model_card.tags(
+        spec, run_id=run_id, cases=cases, global_scores={s: scores[s]["global"] for s in spec.site_names}, gate=decision,
+        promotion=promoted, audit_head=head, plan_hash=plan_hash, task_signature=promotion.task_signature(spec)))
+    annex = dpia.annex_markdown(spec, audit_records=records, plan_hash=plan_hash)
+    for path in dpia.write_annex(annex, workspace / "dpia" / "annex.md"):
+        mlflow.log_artifact(str(path), "dpia")
+    return promoted
+
+
 # --------------------------------------------------------------------------- the flow
 
 @flow(name="federated-training", log_prints=True)
@@ -417,6 +455,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     """Train one federation end to end; return (and optionally write) the per-site summary."""
     t0 = time.time()  # wall clock: compared with the participants' event times
     spec = validate_spec(spec_path)
+    compliance.check_governance(spec)  # no site process touches data without a lawful basis on record
     summaries = check_site_data(spec)
     if spec.task.kind == "tabular" and spec.task.standardise == "federated":
         spec = federated_statistics(spec, summaries)
@@ -424,9 +463,11 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     work = Path(workdir) if workdir else tracking.fedward_home() / "runs"
     tracking.configure(f"fedward/{spec.name}")
     workspace = build_workspace(spec, work)
+    compliance.record_plans_shipped(spec, workspace)
     print(f"workspace {workspace}: plan hash {engine.plan_hash(workspace / 'aggregator')[:16]}..., "
           f"{len(spec.sites)} site certificates signed by the federation CA")
-    with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}") as run:
+    with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}") as run, \
+            compliance.sealed_audit_log(workspace) as audit:
         mlflow.set_tags({"fedward.federation": spec.name, "fedward.engine": engine.ENGINE,
                          "fedward.workspace": str(workspace), "fedward.algorithm": spec.algorithm})
         mlflow.log_params({
@@ -464,12 +505,16 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         global_path = workspace / "models" / "global.pt"
         global_path.parent.mkdir(exist_ok=True)
         torch.save(state, global_path)
+        audit.append("federation_finished", rounds=last_round, model_sha256=compliance.file_sha256(global_path))
         print("federation finished; training local-only baselines with the same budget ...")
         local_paths = train_local_baselines(spec, workspace)
         models = {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}}
         if spec.simulation:
             models["pooled"] = train_pooled(spec, workspace)
         own = personalise(spec, workspace, global_path) if spec.personalise_epochs else None
+        champion = promotion.fetch_champion(spec, workspace)
+        if champion.path is not None:  # the current champion, scored at every site beside the new model
+            models["champion"] = champion.path
         scores = evaluate_models(spec, workspace, models, own)
         metric = spec.task.metric
         table = comparison_table(spec, scores)
@@ -499,6 +544,8 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
                               "curves/learning_curves.png")
         mlflow.log_dict(result, "curves/rounds.json")
         registered = register_global_model(spec, global_path, decision)
+        promoted = review_and_promote(spec, workspace, run.info.run_id, registered, global_path, scores, summaries,
+                                      decision, champion, audit)
         wall = time.time() - t0
         mlflow.log_metric("wall_seconds", wall)
         summary = {
@@ -506,6 +553,9 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             "gate": {"passed": decision.passed, "rule": decision.rule, "candidate": decision.candidate,
                      "reason": decision.reason, "margins": decision.margins},
             "scores": scores, "wall_seconds": round(wall, 1),
+            "promotion": {"alias": promoted.alias, "reason": promoted.reason, "champion_before": promoted.champion_version,
+                          "margins": promoted.margins},
+            "audit_log": {"path": str(audit.path), "head": audit.head()},
             "mlflow_run_id": run.info.run_id, "registered_model": {"name": registered["name"], "version": registered["version"]},
             "timing": result["timing"], "round_history": result["history"], "workspace": str(workspace),
         }
@@ -520,4 +570,4 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     return summary
 
 
-USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError)
+USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError, GovernanceError)

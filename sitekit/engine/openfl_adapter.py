@@ -41,6 +41,7 @@ from sitekit.algorithms import fedbn, scaffold
 from sitekit.algorithms.fedadam import FedAdam
 from sitekit.algorithms.fedyogi import FedYogi
 from sitekit.algorithms.fedprox import ProximalTerm
+from sitekit.audit import tensors_digest
 from sitekit.data import DataError
 from sitekit.netcheck import tls_probe
 from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
@@ -193,13 +194,20 @@ def participant_layout(folder: Path, role: str, name: str) -> dict[str, Path]:
             "chain": folder / "cert" / "cert_chain.crt"}
 
 
-def initialize_model(spec: FederationSpec, folder: Path) -> Path:
-    """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
+def shared_tensors(spec: FederationSpec) -> dict[str, np.ndarray]:
+    """The tensors that travel between a site and the aggregator each round, as in the initial model.
+
+    The model's parameters and buffers (``model.*``) and, under SCAFFOLD, the control variate
+    (``scaffold_c.*``); tensors that stay at the sites (FedBN's normalisation layers) are not among them."""
     runner = FedwardTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate, seed=spec.seed,
                                algorithm=spec.algorithm, algorithm_params=dict(spec.algorithm_params),
                                data_loader=SiteDataLoader(data_path=None, task=task_to_dict(spec.task)))
-    # Tensors that stay at the sites (FedBN's normalisation layers) are not part of the shared model.
-    tensors = {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
+    return {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
+
+
+def initialize_model(spec: FederationSpec, folder: Path) -> Path:
+    """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
+    tensors = shared_tensors(spec)
     proto = proto_utils.construct_model_proto(tensors, 0, NoCompressionPipeline())
     (folder / INIT_MODEL).parent.mkdir(parents=True, exist_ok=True)
     proto_utils.dump_proto(proto, str(folder / INIT_MODEL))
@@ -625,8 +633,11 @@ class FedwardAggregator(Aggregator):
 
     def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
         nbytes = sum(len(t.data_bytes) for t in named_tensors)
+        # What arrived, exactly: one digest over every tensor's name, tags and bytes (for the audit log).
+        digest = tensors_digest((f"{t.name}|{','.join(t.tags)}", t.data_bytes) for t in named_tensors)
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
-        self.events.emit("result", site=collaborator_name, round=int(round_number), task=task_name, bytes=int(nbytes))
+        self.events.emit("result", site=collaborator_name, round=int(round_number), task=task_name, bytes=int(nbytes),
+                         tensors=len(named_tensors), sha256=digest, data_size=int(data_size))
         with self._progress:
             self._progress.notify_all()
 
