@@ -11,8 +11,6 @@ import dataclasses
 import datetime as dt
 import json
 
-import mlflow
-
 from sitekit.spec import FederationSpec
 
 NONE_DP = "none"
@@ -129,6 +127,8 @@ def markdown(spec: FederationSpec, *, version: str, run_id: str, cases: dict[str
 
 def publish(spec: FederationSpec, version: str, card: str, version_tags: dict[str, str]) -> None:
     """Card as the version's description and as a run artifact; tags on the version."""
+    import mlflow
+
     client = mlflow.MlflowClient()
     client.update_model_version(spec.name, version, description=card[:60000])
     for k, v in version_tags.items():
