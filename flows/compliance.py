@@ -72,13 +72,19 @@ def record_plans_shipped(spec: FederationSpec, workspace: Path) -> str:
     return log.head()
 
 
-def record_update(log: AuditLog, event: dict) -> None:
-    """One aggregator ``result`` event as an ``update_received`` record (what left the site, exactly)."""
+def record_update(log: AuditLog, event: dict, spec: FederationSpec | None = None) -> None:
+    """One aggregator ``result`` event as an ``update_received`` record (what left the site, exactly).
+
+    ``dp``: the DP parameters the site applied to this update, from the event when the site reports
+    them, else the federation's privacy settings (``spec.privacy``) when it has any, else None."""
+    from flows.model_card import privacy_of
+
+    dp = event.get("dp") or (privacy_of(spec) if spec is not None else None)
     log.append("update_received", site=event["site"], round=int(event["round"]), task=event["task"],
                bytes=int(event["bytes"]), tensors=event.get("tensors"), sha256=event.get("sha256"),
                cases=event.get("data_size"),
                received=dt.datetime.fromtimestamp(event["time"], dt.timezone.utc).isoformat() if "time" in event else None,
-               dp=event.get("dp"))  # DP parameters the site applied (issue 4); None: no DP
+               dp=dp)
 
 
 @contextlib.contextmanager

@@ -184,7 +184,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     round_started.setdefault(ev["round"], ev["time"])
                     timing.setdefault("first_round_start_s", ev["time"] - t0)
                 elif ev["event"] == "result":
-                    compliance.record_update(audit, ev)
+                    compliance.record_update(audit, ev, spec)
                     if ev["task"] == "train":
                         delivered.add(ev["site"])
                 elif ev["event"] == "round_end":
