@@ -74,3 +74,33 @@ def test_declared_deployments_point_at_real_flows_and_one_retrains_on_a_cron_sch
     assert cron and "retraining" in cron[0].name
     schedule = Cron(cron[0].cron, timezone=cron[0].timezone)
     assert schedule.cron == "0 2 * * 1"
+
+
+def test_fedward_deploy_creates_every_declared_deployment(prefect_server, capsys):
+    """`fedward deploy` on a real Prefect server: each declared deployment, its parameters, the process
+    pool, pulling from this checkout, the cron schedule of the retraining one. (No worker polls this
+    pool: nothing runs; the interval-scheduled run through a worker is in test_operations.py.)"""
+    from prefect.client.orchestration import get_client
+
+    from flows.cli import main
+    from flows.deployments import DEPLOYMENTS
+
+    pool = "deploy-test-pool"
+    assert main(["deploy", "--pool", pool]) == 0
+    printed = dict(re.findall(r"^(deployment \S+): ([0-9a-f-]{36})$", capsys.readouterr().out, re.M))
+    assert set(printed) == {f"deployment {d.name}" for d in DEPLOYMENTS}
+    with get_client(sync_client=True) as client:
+        assert client.read_work_pool(pool).type == "process"
+        try:
+            for d in DEPLOYMENTS:
+                dep = client.read_deployment(printed[f"deployment {d.name}"])
+                assert dep.name == d.name and dep.work_pool_name == pool and dep.parameters == d.parameters
+                assert dep.entrypoint == d.entrypoint
+                assert dep.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]
+                if d.cron:
+                    assert [(s.schedule.cron, s.schedule.timezone) for s in dep.schedules] == [(d.cron, d.timezone)]
+                else:
+                    assert dep.schedules == []
+        finally:
+            for d in DEPLOYMENTS:
+                client.delete_deployment(printed[f"deployment {d.name}"])
