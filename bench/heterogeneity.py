@@ -49,10 +49,15 @@ def _run(base: dict, spec_dir: Path, workdir: Path, **changes) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     spec = {**base, **changes, "aggregator": {**base.get("aggregator", {}), "port": port}}
-    name = "-".join(str(v) for v in changes.values()).replace(".", "")
-    path = spec_dir / f"{name}.yaml"
+    path = spec_dir / f"{spec_file_name(changes)}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return federated_training(str(path), workdir=str(workdir))
+
+
+def spec_file_name(changes: dict) -> str:
+    """A short file name for one run's spec: its scalar changes (a changed task is named "task")."""
+    parts = [str(v) if isinstance(v, (str, int, float)) else str(k) for k, v in changes.items()]
+    return "-".join(parts).replace(".", "")
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:

@@ -5,6 +5,8 @@
 - ``fedward audit-log verify PATH``        check a run's audit log: any edited, deleted or reordered record
 - ``fedward dpia-annex SPEC``              write the federation's DPIA technical annex (Markdown and PDF)
 - ``fedward deploy``                       register the Prefect deployments of flows/deployments.py
+- ``fedward build-images SPEC``            the ``build-site-images`` flow (needs DOCKER_HOST)
+- ``fedward ship SPEC --csr SITE=PATH ...`` the ``ship-plan`` flow: sign, bundle, upload to S3
 """
 from __future__ import annotations
 
@@ -39,6 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     dep = sub.add_parser("deploy", help="create or update the Prefect deployments declared in flows/deployments.py")
     dep.add_argument("--pool", default="fedward", help="process work pool (created if missing; default fedward)")
     dep.add_argument("--only", action="append", help="deploy only this deployment (repeatable)")
+    b = sub.add_parser("build-images", help="build the aggregator image and one collaborator image per site")
+    b.add_argument("spec")
+    b.add_argument("--profile", choices=["full", "core"], default="full")
+    b.add_argument("--base-image", help="an image already in the store to build FROM (default: one from debootstrap)")
+    b.add_argument("--rootfs", help="the debootstrap root filesystem tar (default .tools/images/debian-bookworm-python.tar)")
+    b.add_argument("--out", default="images.json", help="where to write the images' references and digests")
+    sh = sub.add_parser("ship", help="ship every site its bundle through S3 (the ship-plan flow)")
+    sh.add_argument("spec")
+    sh.add_argument("--csr", action="append", required=True, metavar="SITE=PATH", help="a site's certificate request")
+    sh.add_argument("--images", help="images.json from 'fedward build-images' (omit: sites run sitekit without an image)")
+    sh.add_argument("--bucket", default="fedward-bundles")
+    sh.add_argument("--s3-endpoint", help="S3 endpoint URL (default FEDWARD_S3_ENDPOINT, else AWS)")
     args = ap.parse_args(argv)
 
     if args.cmd == "audit-log":
@@ -72,6 +86,28 @@ def main(argv: list[str] | None = None) -> int:
 
         for name, deployment_id in deploy_all(work_pool=args.pool, only=args.only).items():
             print(f"deployment {name}: {deployment_id}")
+        return 0
+
+    if args.cmd == "build-images":
+        import json
+
+        from flows.site_images import build_site_images
+
+        result = build_site_images(args.spec, profile=args.profile, base_image=args.base_image, rootfs=args.rootfs)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"image references and digests: {args.out}")
+        return 0
+    if args.cmd == "ship":
+        import json
+
+        from flows.ship_plan import ship_plan
+
+        csrs = dict(c.split("=", 1) for c in args.csr)
+        images = json.loads(Path(args.images).read_text()) if args.images else None
+        result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)
+        for site, s in result["sites"].items():
+            print(f"{site}: fingerprint {s['fingerprint']}  ({s['object']})")
+        print("send each site its link privately (links/<site>.txt in the federation folder); publish the fingerprints")
         return 0
 
     if args.cmd == "prepare-ixi":

@@ -36,7 +36,7 @@ def tensor_table(spec: FederationSpec) -> list[dict]:
     from sitekit.engine import openfl_adapter as engine
 
     return [{"name": k, "shape": list(v.shape), "dtype": str(v.dtype), "bytes": int(v.nbytes)}
-            for k, v in engine.shared_tensors(spec).items()]
+            for k, v in engine.model_tensors(spec).items()]
 
 
 def train_update_bytes(spec: FederationSpec) -> int:

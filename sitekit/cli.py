@@ -5,6 +5,9 @@
 - ``sitekit train-local`` train the local-only baseline on this site's data, same budget as a federated run
 - ``sitekit personalise`` fine-tune the global model on this site's data (personalised model)
 - ``sitekit evaluate``    score models on this site's held-out test cases; only the scores leave
+- ``sitekit ingest``      fetch labelled series from this site's PACS (DICOMweb) into its data folder as NIfTI
+
+For hospital IT (see sitekit/deploy.py): ``fetch`` -> ``preflight`` -> ``approve`` -> ``join``.
 
 Each command reads only the workspace folder it is given and the site's own data folder.
 """
@@ -37,7 +40,7 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_keygen(args) -> int:
-    from sitekit.engine.openfl_adapter import participant_layout
+    from sitekit.layout import participant_layout  # not the engine: keygen runs on the slim image too
     from sitekit.pki import make_key_and_request
 
     folder = Path(args.workspace)
@@ -153,6 +156,26 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_ingest(args) -> int:
+    """Query the site's PACS, fetch every DICOM-SEG and its images, write NIfTI cases; print a JSON summary."""
+    from sitekit.pacs import PASSWORD_ENV, IngestError, ingest
+
+    try:
+        summary = ingest(args.site, args.pacs_url, Path(args.data), cache=Path(args.cache) if args.cache else None,
+                         split=args.split, studies=args.study, overlap=args.overlap, user=args.pacs_user,
+                         password=os.environ.get(PASSWORD_ENV), ca_bundle=args.pacs_ca,
+                         log=lambda line: print(line, flush=True))
+    except IngestError as exc:
+        print(f"sitekit: {exc}", file=sys.stderr)
+        return 3
+    print(json.dumps(summary.as_dict()))
+    if not (summary.written or summary.present) or (args.strict and summary.skipped):
+        print(f"sitekit: site '{args.site}': {len(summary.skipped)} of {summary.segmentations} segmentations could not "
+              "become cases (reasons above)", file=sys.stderr)
+        return 3
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sitekit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--version", action="version", version=f"sitekit {__version__}")
@@ -178,12 +201,30 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--workspace", required=True)
     e.add_argument("--model", action="append", required=True, help="NAME=PATH of a state dict; repeatable")
     e.add_argument("--out", required=True)
+    g = sub.add_parser("ingest", help="fetch labelled series from this site's PACS (DICOMweb) as NIfTI cases")
+    g.add_argument("--site", required=True)
+    g.add_argument("--data", required=True, help="the site's data folder (imagesTr/, labelsTr/ are written there)")
+    g.add_argument("--pacs-url", required=True, help="the PACS's DICOMweb root, e.g. https://pacs.local/dicom-web")
+    g.add_argument("--pacs-user", default=None, help="PACS user; the password is read from $SITEKIT_PACS_PASSWORD")
+    g.add_argument("--pacs-ca", default=None, help="CA certificate (PEM) of an HTTPS PACS")
+    g.add_argument("--cache", default=None, help="where fetched DICOM is kept (default DATA/dicom)")
+    g.add_argument("--split", choices=["train", "test"], default="train", help="imagesTr/labelsTr or imagesTs/labelsTs")
+    g.add_argument("--study", action="append", default=None, help="a Study Instance UID to ingest; repeatable (default: all)")
+    g.add_argument("--overlap", choices=["highest", "refuse"], default="highest",
+                   help="overlapping segments: keep the highest segment number, or refuse the segmentation")
+    g.add_argument("--strict", action="store_true", help="exit 3 if any segmentation could not become a case")
+    from sitekit import deploy  # fetch, preflight, approve, join: what hospital IT runs
+
+    handlers = {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
+                "personalise": cmd_personalise, "evaluate": cmd_evaluate, "ingest": cmd_ingest, **deploy.add_commands(sub)}
     args = ap.parse_args(argv)
     from sitekit.data import DataError
 
     try:
-        return {"check-data": cmd_check_data, "keygen": cmd_keygen, "train-local": cmd_train_local,
-                "personalise": cmd_personalise, "evaluate": cmd_evaluate}[args.cmd](args)
+        return handlers[args.cmd](args)
+    except deploy.USER_ERRORS as exc:
+        print(f"sitekit {args.cmd}: {exc}", file=sys.stderr)
+        return deploy.EXIT_NETWORK if isinstance(exc, ConnectionError) else deploy.EXIT_REFUSED
     except (DataError, FloatingPointError) as exc:
         print(f"sitekit: {exc}", file=sys.stderr)
         if getattr(args, "workspace", None):

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import torch
+
+try:
+    import torch
+    _Dataset = torch.utils.data.Dataset
+except ImportError:  # the slim sitekit-core image checks data (inspect_site) but never trains
+    torch = None
+    _Dataset = object
 
 SPLITS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
 SUFFIXES = (".nii.gz", ".nii")
@@ -161,7 +167,7 @@ def preprocess(image: np.ndarray, label: np.ndarray, size: tuple[int, int, int])
     return torch.as_tensor(img, dtype=torch.float32), torch.as_tensor(mask, dtype=torch.float32)
 
 
-class SiteVolumes(torch.utils.data.Dataset):
+class SiteVolumes(_Dataset):
     """The preprocessed volumes of one split of one site, held in memory (64³ is ~1 MB a case)."""
 
     def __init__(self, site: str, folder: Path, split: str, size: tuple[int, int, int]):

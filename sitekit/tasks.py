@@ -92,7 +92,8 @@ class Task:
         """Mean per-sample metric over a dataset (Dice per case, or accuracy)."""
         model.eval()
         scores = [self.score(model(x), y) for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size)]
-        return float(torch.cat(scores).mean())
+        # float64: a mean of float32 scores drifts by ~1e-7, enough to break a tie between two models
+        return float(torch.cat(scores).double().mean())
 
 
 def get_task(spec: TaskSpec) -> Task:

@@ -207,3 +207,50 @@ def s3_server(tmp_path_factory):
     finally:
         _stop(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def podman_api(tmp_path_factory):
+    """podman's Docker-compatible API on a Unix socket, with its own image store (fresh each session).
+
+    runc and low ulimits as ENVIRONMENT.md says (crun fails here). Yields {"url", "env", "podman"}:
+    ``podman`` is the command prefix for the same store (for clean-up and inspection)."""
+    import shutil as _shutil
+
+    for tool in ("podman", "runc"):
+        if not _shutil.which(tool):
+            pytest.fail(f"{tool} is missing; apt-get install podman buildah runc debootstrap (see .ci/run)")
+    root = tmp_path_factory.mktemp("podman")
+    conf = root / "containers.conf"
+    conf.write_text('[engine]\nruntime = "runc"\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+                    '[containers]\ndefault_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+    podman = ["podman", "--root", str(root / "storage"), "--runroot", str(root / "run"), "--tmpdir", str(root / "tmp")]
+    sock = root / "podman.sock"
+    log = open(root / "service.log", "wb")
+    proc = subprocess.Popen([*podman, "system", "service", "--time=0", f"unix://{sock}"], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"unix://{sock}"
+    try:
+        import docker
+
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"podman system service exited with {proc.returncode}; see {root / 'service.log'}")
+            try:
+                if sock.exists() and docker.DockerClient(base_url=url, timeout=5).ping():
+                    break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"podman's API did not answer on {sock} within 30 s")
+            time.sleep(0.2)
+        yield {"url": url, "env": env, "podman": podman}
+    finally:
+        _stop(proc)
+        log.close()
+        for args in (["rm", "--all", "--force"], ["rmi", "--all", "--force"]):
+            subprocess.run([*podman, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+        subprocess.run(["umount", "-R", str(root / "storage" / "overlay")], stderr=subprocess.DEVNULL)
+        _shutil.rmtree(root / "storage", ignore_errors=True)

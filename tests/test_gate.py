@@ -212,3 +212,18 @@ def test_figure_without_optional_models():
     ax = fig.axes[0]
     assert len(ax.patches) == 4 * 3
     assert "REFUSED" in ax.get_title() and "accuracy" in ax.get_ylabel()
+
+
+def test_a_tie_in_correct_answers_passes_despite_float32_rounding():
+    # Regression: the sites' float32 accuracies made 151/195 vs 151/195 print "0.774359 < 0.774359"
+    # and refuse a model exactly as good as the best single site.
+    import numpy as np
+
+    f = lambda k, n: float(np.float32(k) / np.float32(n))  # noqa: E731
+    scores = {"a": {"global": f(81, 104), "local-a": f(80, 104), "local-b": f(60, 104)},
+              "b": {"global": f(70, 91), "local-a": f(71, 91), "local-b": f(50, 91)}}
+    d = decide(scores, {"a": 104, "b": 91}, rule="weighted_mean")
+    assert d.passed and "0.774359 < 0.774359" not in d.reason
+    # one correct answer fewer is still a refusal
+    scores["a"]["global"] = f(79, 104)
+    assert not decide(scores, {"a": 104, "b": 91}, rule="weighted_mean").passed

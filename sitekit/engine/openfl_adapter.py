@@ -43,6 +43,7 @@ from sitekit.algorithms.fedyogi import FedYogi
 from sitekit.algorithms.fedprox import ProximalTerm
 from sitekit.audit import tensors_digest
 from sitekit.data import DataError
+from sitekit.layout import participant_layout  # noqa: F401  (re-exported: the OpenFL folder convention)
 from sitekit.netcheck import tls_probe
 from sitekit.spec import FederationSpec, ModelSpec, TaskSpec
 from sitekit.tasks import get_task
@@ -181,33 +182,18 @@ def write_plan(spec: FederationSpec, folder: Path, site: str | None = None) -> P
     return folder / PLAN
 
 
-def participant_layout(folder: Path, role: str, name: str) -> dict[str, Path]:
-    """Key, CSR, certificate and CA-chain paths where OpenFL looks for them in a participant folder."""
-    if role == "site":
-        d, stem = folder / "cert" / "client", f"col_{name}"
-    elif role == "aggregator":
-        d, stem = folder / "cert" / "server", f"agg_{name.lower()}"
-    else:
-        raise ValueError(role)
-    # Appended, never Path.with_suffix: a host such as aggregator.hospital.org has dots of its own.
-    return {"key": d / f"{stem}.key", "csr": d / f"{stem}.csr", "cert": d / f"{stem}.crt",
-            "chain": folder / "cert" / "cert_chain.crt"}
-
-
-def shared_tensors(spec: FederationSpec) -> dict[str, np.ndarray]:
-    """The tensors that travel between a site and the aggregator each round, as in the initial model.
-
-    The model's parameters and buffers (``model.*``) and, under SCAFFOLD, the control variate
-    (``scaffold_c.*``); tensors that stay at the sites (FedBN's normalisation layers) are not among them."""
+def model_tensors(spec: FederationSpec) -> dict[str, np.ndarray]:
+    """The initial (seeded) shared model as named arrays: what travels between sites and aggregator."""
     runner = FedwardTaskRunner(task=task_to_dict(spec.task), learning_rate=spec.learning_rate, seed=spec.seed,
                                algorithm=spec.algorithm, algorithm_params=dict(spec.algorithm_params),
                                data_loader=SiteDataLoader(data_path=None, task=task_to_dict(spec.task)))
+    # Tensors that stay at the sites (FedBN's normalisation layers) are not part of the shared model.
     return {k: v for k, v in runner.get_tensor_dict(with_opt_vars=False).items() if k not in runner.site_local_names}
 
 
 def initialize_model(spec: FederationSpec, folder: Path) -> Path:
     """Write the initial (seeded) model the aggregator starts from, as ``fx plan initialize`` would."""
-    tensors = shared_tensors(spec)
+    tensors = model_tensors(spec)
     proto = proto_utils.construct_model_proto(tensors, 0, NoCompressionPipeline())
     (folder / INIT_MODEL).parent.mkdir(parents=True, exist_ok=True)
     proto_utils.dump_proto(proto, str(folder / INIT_MODEL))
@@ -428,7 +414,7 @@ class FedwardTaskRunner(PyTorchTaskRunner):
         self.model.eval()
         with torch.no_grad():
             scores = [self.task.score(self.model(x), y) for x, y in validation_dataloader]
-        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).mean())))
+        return Metric(name=self.task.metric, value=np.array(float(torch.cat(scores).double().mean())))
 
 
 SegmentationTaskRunner = FedwardTaskRunner  # the name plans written before the algorithms work used
@@ -710,6 +696,60 @@ def _check_admission(plan: Plan, name: str, timeout: float) -> None:
         channel.close()
     detail = last.details() if last is not None else "no answer"
     raise ConnectionError(f"site '{name}' could not reach the aggregator at {uri} within {timeout:.0f} s: {detail}")
+
+
+def measure_link(folder: Path, name: str, payload_bytes: int = 4 << 20, pings: int = 5,
+                 timeout: float = 30.0) -> dict:
+    """Round-trip time and upload rate from site ``name`` to its aggregator, over the federation's own
+    channel (gRPC, mutual TLS, and whatever proxy gRPC takes from the environment).
+
+    Uses the aggregator's authenticated Ping: ``pings`` empty ones for the round trip, then one that
+    carries ``payload_bytes`` of padding in a field the aggregator ignores (protobuf keeps unknown
+    fields), which times an upload the size of a model update. Nothing is stored at the aggregator.
+    Raises ConnectionError / PermissionError with the aggregator's answer."""
+    import grpc
+
+    folder = Path(folder)
+    plan = Plan.parse(folder / PLAN, folder / COLS)
+    net = plan.config["network"]["settings"]
+    uri = f"{net['agg_addr']}:{net['agg_port']}"
+    paths = participant_layout(folder, "site", name)
+    channel = create_tls_channel(uri, str(paths["chain"]), True, str(paths["cert"]), str(paths["key"]))
+    header = create_header(sender=name, receiver=plan.aggregator_uuid, federation_uuid=plan.federation_uuid,
+                           single_col_cert_common_name="")
+    request = aggregator_pb2.PingRequest(header=header).SerializeToString()
+    call = channel.unary_unary("/openfl.aggregator.Aggregator/Ping", request_serializer=None,
+                               response_deserializer=aggregator_pb2.PingResponse.FromString)
+
+    def _varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b, n = n & 0x7F, n >> 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    # field 2047, wire type 2 (length-delimited): a field PingRequest does not have
+    padded = request + _varint(2047 << 3 | 2) + _varint(payload_bytes) + bytes(payload_bytes)
+    try:
+        rtts = []
+        for _ in range(max(1, pings)):
+            t = time.monotonic()
+            call(request, timeout=timeout)
+            rtts.append(time.monotonic() - t)
+        t = time.monotonic()
+        call(padded, timeout=timeout)
+        upload = time.monotonic() - t
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNKNOWN):
+            raise PermissionError(f"the aggregator refused site '{name}': {exc.details()}") from None
+        raise ConnectionError(f"site '{name}' could not talk to the aggregator at {uri}: {exc.details()}") from None
+    finally:
+        channel.close()
+    rtt = sorted(rtts)[len(rtts) // 2]
+    # the padded call costs one round trip plus the transfer itself
+    return {"rtt_ms": rtt * 1000, "rtt_all_ms": [r * 1000 for r in rtts], "upload_bytes": payload_bytes,
+            "upload_seconds": upload, "upload_mbit_s": payload_bytes * 8 / max(upload - rtt, 1e-6) / 1e6}
 
 
 def run_collaborator(name: str, admission_timeout: float = 30.0) -> int:
