@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     a = sub.add_parser("audit-log", help="tamper-evident audit logs")
     a_sub = a.add_subparsers(dest="audit_cmd", required=True)
     v = a_sub.add_parser("verify", help="check every record's hash and link; name any edited, deleted or reordered record")
-    v.add_argument("path", help="the audit log (audit/audit.jsonl of an MLflow run, or <workspace>/audit.jsonl)")
+    v.add_argument("path", help="the audit log (audit/audit.jsonl of an MLflow run, <workspace>/aggregator/audit.jsonl, or a site's approvals.log)")
     v.add_argument("--head", help="the hash the last record must have (MLflow run tag fedward.audit.head): "
                                   "also catches records removed from the end")
     d = sub.add_parser("dpia-annex", help="write the DPIA technical annex of a federation")
@@ -102,6 +102,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from flows.ship_plan import ship_plan
 
+        from sitekit import governance
+        from sitekit.spec import SpecError, load_spec
+
+        try:  # answered in a second, without starting Prefect
+            governance.require(load_spec(args.spec))
+        except (SpecError, governance.GovernanceError) as exc:
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
         csrs = dict(c.split("=", 1) for c in args.csr)
         images = json.loads(Path(args.images).read_text()) if args.images else None
         result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)

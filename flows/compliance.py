@@ -2,10 +2,10 @@
 
 - :func:`check_governance` (a Prefect task): every site's governance record complete and in
   force today, before any site process touches data, before a plan is shipped, before a round.
-- The run's audit log (``<workspace>/audit.jsonl``, format in :mod:`sitekit.audit`): the checked
-  governance records, every plan shipped, every update the aggregator received (from its
-  ``result`` events: site, round, task, bytes, tensor digest, DP parameters), the end of the
-  federation, every model registered and every promotion decision.
+- The run's audit log (``<workspace>/aggregator/audit.jsonl``, format in :mod:`sitekit.audit`):
+  the checked governance records, every plan shipped, every update received (written by the
+  aggregator as it arrives: site, round, task, bytes, tensor digest, DP parameters), the end of
+  the federation, every model registered and every promotion decision.
 - :func:`sealed_audit_log`: however the run ends, the log goes to MLflow as the artifact
   ``audit/audit.jsonl`` and its last hash becomes the run tag ``fedward.audit.head``.
 """
@@ -25,7 +25,6 @@ from sitekit.engine import openfl_adapter as engine
 from sitekit.governance import GovernanceError
 from sitekit.spec import FederationSpec
 
-AUDIT = Path("audit.jsonl")  # in the run's workspace
 HEAD_TAG = "fedward.audit.head"
 
 
@@ -35,7 +34,9 @@ def today() -> dt.date:
 
 
 def audit_log(workspace: Path) -> AuditLog:
-    return AuditLog(Path(workspace) / AUDIT)
+    """The federation's audit log: in the aggregator's folder, where the aggregator itself records
+    every update it receives, and the control plane the rest."""
+    return AuditLog(Path(workspace) / "aggregator" / engine.AUDIT)
 
 
 @task(name="check-governance", cache_policy=NO_CACHE)
@@ -72,19 +73,20 @@ def record_plans_shipped(spec: FederationSpec, workspace: Path) -> str:
     return log.head()
 
 
-def record_update(log: AuditLog, event: dict, spec: FederationSpec | None = None) -> None:
-    """One aggregator ``result`` event as an ``update_received`` record (what left the site, exactly).
-
-    ``dp``: the DP parameters the site applied to this update, from the event when the site reports
-    them, else the federation's privacy settings (``spec.privacy``) when it has any, else None."""
-    from flows.model_card import privacy_of
-
-    dp = event.get("dp") or (privacy_of(spec) if spec is not None else None)
-    log.append("update_received", site=event["site"], round=int(event["round"]), task=event["task"],
-               bytes=int(event["bytes"]), tensors=event.get("tensors"), sha256=event.get("sha256"),
-               cases=event.get("data_size"),
-               received=dt.datetime.fromtimestamp(event["time"], dt.timezone.utc).isoformat() if "time" in event else None,
-               dp=dp)
+def record_bundles_shipped(spec: FederationSpec, aggregator_folder: Path, published: dict[str, dict],
+                           plan_sha256: str) -> AuditLog:
+    """The ship-plan flow's records, in the federation's audit log (the aggregator's folder): the
+    governance records checked, then each site's bundle (fingerprint, plan hash, object, image digest).
+    The presigned links are capabilities and are never recorded."""
+    log = AuditLog(Path(aggregator_folder) / engine.AUDIT)
+    log.append("federation_checked", federation=spec.name, spec_sha256=file_sha256(spec.path),
+               date=today().isoformat(), sites=governance.describe(spec))
+    for s in spec.sites:
+        p = published[s.name]
+        log.append("plan_shipped", site=s.name, plan_sha256=plan_sha256, bundle_fingerprint=p["fingerprint"],
+                   object=p["object"], image=p.get("image"), image_digest=p.get("image_digest"),
+                   dpa=s.governance.dpa.reference if s.governance and s.governance.dpa else None)
+    return log
 
 
 @contextlib.contextmanager

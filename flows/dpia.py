@@ -20,9 +20,8 @@ import subprocess
 import textwrap
 from pathlib import Path
 
-from flows.model_card import privacy_of
 from sitekit.audit import file_sha256
-from sitekit.governance import ART6, ART9
+from sitekit.governance import ART6, ART9, privacy_of
 from sitekit.spec import FederationSpec
 
 TBC = "*to be completed by the controller(s)*"

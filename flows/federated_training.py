@@ -157,7 +157,6 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
     history: list[dict] = []
     timing: dict = {}
     threads = os.environ.get("FEDWARD_TORCH_THREADS", "1")
-    audit = compliance.audit_log(workspace)
     compliance.require_governance_now(spec, "before round 1")
     with Supervisor() as sup:
         agg = sup.start("aggregator", "aggregator", [*ADAPTER, "aggregator"], agg_dir)
@@ -184,7 +183,6 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                     round_started.setdefault(ev["round"], ev["time"])
                     timing.setdefault("first_round_start_s", ev["time"] - t0)
                 elif ev["event"] == "result":
-                    compliance.record_update(audit, ev, spec)
                     if ev["task"] == "train":
                         delivered.add(ev["site"])
                 elif ev["event"] == "round_end":

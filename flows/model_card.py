@@ -7,22 +7,13 @@ result, the audit log's head hash, the plan hash and the container image digests
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 
+from sitekit.governance import privacy_of
 from sitekit.spec import FederationSpec
 
 NONE_DP = "none"
-
-
-def privacy_of(spec: FederationSpec) -> dict | None:
-    """ε, δ (and whatever else the privacy settings hold) when the federation uses differential privacy."""
-    p = getattr(spec, "privacy", None)
-    if p is None:
-        return None
-    d = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)
-    return d if d.get("epsilon") is not None else None
 
 
 def tags(spec: FederationSpec, *, run_id: str, cases: dict[str, dict], global_scores: dict[str, float],

@@ -27,6 +27,7 @@ Two checks, on purpose at two moments:
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
@@ -255,3 +256,15 @@ def require(spec, today: dt.date | None = None) -> None:
 def describe(spec) -> dict[str, dict]:
     """{site: governance record} for the audit log, the annex and the model card."""
     return {s.name: (s.governance.record() if s.governance else None) for s in spec.sites}
+
+
+def privacy_of(spec) -> dict | None:
+    """The federation's differential-privacy settings ({epsilon, delta, ...}) when it has any, else None.
+
+    Read from ``spec.privacy`` (a dataclass or a mapping) so the audit log, the DPIA annex and the
+    model card report ε and δ as soon as the spec carries them."""
+    p = getattr(spec, "privacy", None)
+    if p is None:
+        return None
+    d = dataclasses.asdict(p) if dataclasses.is_dataclass(p) else dict(p)
+    return d if d.get("epsilon") is not None else None

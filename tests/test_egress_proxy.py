@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, DATA, free_port
+from conftest import BIN, DATA, free_port, site_governance
 from sitekit import sitehome as H
 from sitekit.cli import main as sitekit_main
 from sitekit.layout import participant_layout
@@ -132,8 +132,8 @@ def federation(tmp_path_factory, s3_server, mlflow_server, prefect_server):
     root = tmp_path_factory.mktemp("egress")
     port = free_port()
     spec = {"name": "heart-egress", "task": {"kind": "tabular", "dataset": "heart-disease", "model": {"name": "logreg"}},
-            "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data")},
-                      {"name": "hungary", "data": str(HEART / "processed.hungarian.data")}],
+            "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data"), "governance": site_governance("cleveland")},
+                      {"name": "hungary", "data": str(HEART / "processed.hungarian.data"), "governance": site_governance("hungary")}],
             "rounds": 2, "local_steps": 20, "batch_size": 4, "learning_rate": 0.001,
             "aggregator": {"host": "localhost", "port": port}, "timeouts": {"startup_seconds": 60, "round_seconds": 60}}
     (root / "fed.yaml").write_text(yaml.safe_dump(spec))

@@ -206,8 +206,6 @@ def test_an_agreement_lapsing_mid_run_stops_the_federation_at_the_next_round_bou
     already be in flight, but no later round starts, and the audit log shows it."""
     from flows import compliance
     from flows import federated_training as ft
-    from sitekit.audit import AuditLog
-
     spec = load_spec(write(tmp_path, spec_dict(tmp_path, rounds=4, local_steps=400)))
     workspace = ft.build_workspace.fn(spec, tmp_path / "runs")
     calls = []
@@ -220,7 +218,49 @@ def test_an_agreement_lapsing_mid_run_stops_the_federation_at_the_next_round_bou
     ft.tracking.configure("fedward/gov-test")
     with mlflow.start_run(), pytest.raises(GovernanceError, match=r"^before round 2: .*expired on 2099-12-31"):
         ft.run_rounds.fn(spec, workspace, 0.0)
-    trained = {(r["data"]["site"], r["data"]["round"]) for r in AuditLog(workspace / "audit.jsonl").records()
+    trained = {(r["data"]["site"], r["data"]["round"]) for r in compliance.audit_log(workspace).records()
                if r["kind"] == "update_received" and r["data"]["task"] == "train"}
     assert {("cleveland", 0), ("hungary", 0)} <= trained  # round 1 happened
     assert max(rnd for _, rnd in trained) <= 1  # round 3 never started
+
+
+def test_the_aggregator_itself_starts_no_round_with_a_site_whose_agreement_lapsed(tmp_path):
+    """A shipped federation runs its aggregator on its own (no flow watching): the lapse date travels in
+    the plan and the aggregator refuses the round, says why, records it, and stops. Real OpenFL, mTLS."""
+    import time
+
+    from flows import compliance
+    from flows import federated_training as ft
+    from flows.supervisor import EventTail, Supervisor
+    from sitekit.engine import openfl_adapter as engine
+
+    lapsed = spec_dict(tmp_path)
+    lapsed["sites"][1]["governance"]["dpa"].update(date="2020-01-01", valid_until="2021-06-30")
+    spec = load_spec(write(tmp_path, lapsed))
+    workspace = ft.build_workspace.fn(spec, tmp_path / "runs")
+    plan = yaml.safe_load((workspace / "sites" / "cleveland" / engine.PLAN).read_text())
+    assert plan["aggregator"]["settings"]["agreements_valid_until"] == {"cleveland": "2099-12-31", "hungary": "2021-06-30"}
+    agg_dir = workspace / "aggregator"
+    with Supervisor() as sup:
+        agg = sup.start("aggregator", "aggregator", [*ft.ADAPTER, "aggregator"], agg_dir)
+        tail, events = EventTail(agg_dir / engine.EVENTS), []
+        deadline = time.monotonic() + 120
+        while not any(e["event"] == "listening" for e in events) and time.monotonic() < deadline and agg.poll() is None:
+            events += tail.read()
+            time.sleep(0.2)
+        for s in spec.sites:
+            sup.start(s.name, "site", [*ft.ADAPTER, "collaborator", "--name", s.name], workspace / "sites" / s.name)
+        deadline = time.monotonic() + 180
+        while agg.poll() is None and time.monotonic() < deadline:
+            events += tail.read()
+            time.sleep(0.2)
+        events += tail.read()
+    assert agg.poll() == engine.EXIT_REFUSED, agg.log_tail(20)
+    reason = "site 'hungary': its data processing agreement expired on 2021-06-30; no round is started with it"
+    assert reason in agg.failure_reason()
+    assert any(e["event"] == "failed" and reason in e["reason"] for e in events)
+    recs = compliance.audit_log(workspace).records()
+    refused = [r["data"] for r in recs if r["kind"] == "round_refused"]
+    assert len(refused) == 1 and refused[0]["site"] == "hungary" and refused[0]["round"] == 0
+    assert not [r for r in recs if r["kind"] == "update_received" and r["data"]["site"] == "hungary"]
+    assert not [r for r in recs if r["kind"] == "update_received" and r["data"]["task"] == "train"]  # no round trained
