@@ -264,3 +264,14 @@ def test_the_aggregator_itself_starts_no_round_with_a_site_whose_agreement_lapse
     assert len(refused) == 1 and refused[0]["site"] == "hungary" and refused[0]["round"] == 0
     assert not [r for r in recs if r["kind"] == "update_received" and r["data"]["site"] == "hungary"]
     assert not [r for r in recs if r["kind"] == "update_received" and r["data"]["task"] == "train"]  # no round trained
+
+
+def test_ship_plan_refuses_before_any_bundle_is_made(tmp_path, prefect_server, mlflow_server):
+    from flows.ship_plan import ship_plan
+
+    spec = spec_dict(tmp_path)
+    spec["sites"][1]["governance"]["dpia"]["date"] = (dt.date.today() + dt.timedelta(days=30)).isoformat()
+    with pytest.raises(GovernanceError, match=r"the DPIA of site 'hungary' is dated .*after today"):
+        ship_plan(str(write(tmp_path, spec)), {"cleveland": "x.csr", "hungary": "y.csr"}, None,
+                  s3_endpoint="http://127.0.0.1:9", workdir=str(tmp_path / "federation"))
+    assert not (tmp_path / "federation").exists()  # no CA, no aggregator folder, no bundle, nothing uploaded
