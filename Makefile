@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDWARD_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench clean stack stack-down stack-status
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,17 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/round_overhead.py
+
+# The server stack without Docker (infra/stack.py): Prefect server + worker, MLflow with artifacts on
+# S3 (rclone serve s3), all on 127.0.0.1; state, PIDs and logs in .fedward/stack. Idempotent.
+stack: setup
+	$(BIN)/python infra/stack.py up
+
+stack-down:
+	python3 infra/stack.py down
+
+stack-status:
+	python3 infra/stack.py status
 
 clean:
 	rm -rf .fedward/runs .pytest_cache

@@ -2,6 +2,9 @@
 
 - ``fedward run SPEC [--summary PATH]``   run the ``federated-training`` flow for a federation spec
 - ``fedward prepare-ixi``                  build the demo's three hospital folders from IXI-HH
+- ``fedward audit-log verify PATH``        check a run's audit log: any edited, deleted or reordered record
+- ``fedward dpia-annex SPEC``              write the federation's DPIA technical annex (Markdown and PDF)
+- ``fedward deploy``                       register the Prefect deployments of flows/deployments.py
 - ``fedward build-images SPEC``            the ``build-site-images`` flow (needs DOCKER_HOST)
 - ``fedward ship SPEC --csr SITE=PATH ...`` the ``ship-plan`` flow: sign, bundle, upload to S3
 - ``fedward prepare-pneumonia``            split PneumoniaMNIST into the privacy benchmark's three hospitals
@@ -28,6 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("prepare-ixi", help="split IXI-HH into the demo's three simulated hospitals")
     p.add_argument("--source", default=str(DEFAULT_DATA / "ixi-hh"))
     p.add_argument("--out", default=".fedward/sites")
+    a = sub.add_parser("audit-log", help="tamper-evident audit logs")
+    a_sub = a.add_subparsers(dest="audit_cmd", required=True)
+    v = a_sub.add_parser("verify", help="check every record's hash and link; name any edited, deleted or reordered record")
+    v.add_argument("path", help="the audit log (audit/audit.jsonl of an MLflow run, <workspace>/aggregator/audit.jsonl, or a site's approvals.log)")
+    v.add_argument("--head", help="the hash the last record must have (MLflow run tag fedward.audit.head): "
+                                  "also catches records removed from the end")
+    d = sub.add_parser("dpia-annex", help="write the DPIA technical annex of a federation")
+    d.add_argument("spec", help="federation spec (YAML)")
+    d.add_argument("--out", help="Markdown file to write (default .fedward/dpia/<federation>-annex.md); a PDF is written beside it")
+    d.add_argument("--no-pdf", action="store_true", help="Markdown only")
+    dep = sub.add_parser("deploy", help="create or update the Prefect deployments declared in flows/deployments.py")
+    dep.add_argument("--pool", default="fedward", help="process work pool (created if missing; default fedward)")
+    dep.add_argument("--only", action="append", help="deploy only this deployment (repeatable)")
     b = sub.add_parser("build-images", help="build the aggregator image and one collaborator image per site")
     b.add_argument("spec")
     b.add_argument("--profile", choices=["full", "core"], default="full")
@@ -57,6 +73,39 @@ def main(argv: list[str] | None = None) -> int:
     au.add_argument("--summary", help="also write the audit's numbers as JSON here")
     args = ap.parse_args(argv)
 
+    if args.cmd == "audit-log":
+        from sitekit.audit import verify
+
+        result = verify(args.path, expect_head=args.head)
+        if result.ok:
+            print(result.summary())
+            return 0
+        print(f"fedward: {args.path}: audit log FAILED verification ({len(result.problems)} problem(s)):", file=sys.stderr)
+        for p in result.problems:
+            print(f"  {p}", file=sys.stderr)
+        return 1
+
+    if args.cmd == "dpia-annex":
+        from flows.dpia import annex_markdown, write_annex
+        from sitekit.spec import SpecError, load_spec
+
+        try:
+            spec = load_spec(args.spec)
+        except SpecError as exc:
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
+        out = Path(args.out) if args.out else Path(".fedward") / "dpia" / f"{spec.name}-annex.md"
+        for path in write_annex(annex_markdown(spec), out, pdf=not args.no_pdf):
+            print(path)
+        return 0
+
+    if args.cmd == "deploy":
+        from flows.deployments import deploy_all
+
+        for name, deployment_id in deploy_all(work_pool=args.pool, only=args.only).items():
+            print(f"deployment {name}: {deployment_id}")
+        return 0
+
     if args.cmd == "build-images":
         import json
 
@@ -71,6 +120,14 @@ def main(argv: list[str] | None = None) -> int:
 
         from flows.ship_plan import ship_plan
 
+        from sitekit import governance
+        from sitekit.spec import SpecError, load_spec
+
+        try:  # answered in a second, without starting Prefect
+            governance.require(load_spec(args.spec))
+        except (SpecError, governance.GovernanceError) as exc:
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
         csrs = dict(c.split("=", 1) for c in args.csr)
         images = json.loads(Path(args.images).read_text()) if args.images else None
         result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)
@@ -104,12 +161,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from flows.federated_training import USER_ERRORS, check_port_free, federated_training
+    from sitekit import governance
     from sitekit.spec import load_spec
 
     try:
-        # The same checks the flow starts with, first here: a typo answers in a second, in one
-        # sentence, without starting Prefect.
-        check_port_free.fn(load_spec(args.spec))
+        # The same checks the flow starts with, first here: a typo or a missing agreement answers
+        # in a second, in one sentence, without starting Prefect.
+        spec = load_spec(args.spec)
+        governance.require(spec)
+        check_port_free.fn(spec)
     except USER_ERRORS as exc:
         print(f"fedward: {exc}", file=sys.stderr)
         return 2

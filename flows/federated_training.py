@@ -25,12 +25,14 @@ import mlflow  # noqa: E402
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
+from flows import compliance, promotion  # noqa: E402
 from flows import gate as gating  # noqa: E402
 from flows import privacy as privacy_flow  # noqa: E402
 from flows import tracking  # noqa: E402
 from flows.supervisor import EventTail, FederationFailed, Supervisor  # noqa: E402
 from sitekit import pki  # noqa: E402
 from sitekit.data import DataError  # noqa: E402
+from sitekit.governance import GovernanceError  # noqa: E402
 from sitekit.engine import openfl_adapter as engine  # noqa: E402
 from sitekit.spec import FederationSpec, SpecError, load_spec  # noqa: E402
 
@@ -156,6 +158,7 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
     history: list[dict] = []
     timing: dict = {}
     threads = os.environ.get("FEDWARD_TORCH_THREADS", "1")
+    compliance.require_governance_now(spec, "before round 1")
     with Supervisor() as sup:
         agg = sup.start("aggregator", "aggregator", [*ADAPTER, "aggregator"], agg_dir)
         tail = EventTail(agg_dir / engine.EVENTS)
@@ -197,6 +200,8 @@ def run_rounds(spec: FederationSpec, workspace: Path, t0: float) -> dict:
                         privacy_flow.log_round(spec, entry)
                     _print_round(spec, entry)
                     round_no, delivered = ev["round"] + 1, set()
+                    if round_no < spec.rounds:  # a site's agreement may lapse while the federation runs
+                        compliance.require_governance_now(spec, f"before round {round_no + 1}")
                 elif ev["event"] == "privacy_budget_stop":
                     privacy_stop = {k: v for k, v in ev.items() if k not in ("event", "time")}
                     print(privacy_flow.stop_message(privacy_stop), flush=True)
@@ -424,6 +429,39 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
             "candidate": bool(decision.passed) if decision is not None else None}
 
 
+@task(name="review-and-promote", cache_policy=NO_CACHE)
+def review_and_promote(spec: FederationSpec, workspace: Path, run_id: str, registered: dict, global_path: Path,
+                       scores: dict, summaries: dict, decision, champion, audit, privacy: dict | None = None):
+    """Champion or challenger; then the audit trail, the model card and tags, and the DPIA annex."""
+    from flows import dpia, model_card
+
+    version = registered["version"]
+    audit.append("model_registered", name=spec.name, version=version, model_sha256=compliance.file_sha256(global_path),
+                 run_id=run_id, gate="passed" if decision.passed else "refused")
+    n_test = {n: s["test_cases"] for n, s in summaries.items()}
+    promoted = promotion.decide(scores, n_test, decision, champion, rule=spec.gate)
+    promotion.apply(spec, version, promoted)
+    audit.append("promotion", name=spec.name, version=version, alias=promoted.alias, reason=promoted.reason,
+                 champion_before=promoted.champion_version)
+    records = audit.records()
+    per_round = {site: max(r.values()) for site, r in dpia.measured_bytes(records).items()}
+    plan_hash = engine.plan_hash(workspace / "aggregator")
+    cases = {n: {"train": s["train_cases"], "test": s["test_cases"]} for n, s in summaries.items()}
+    head = audit.head()
+    card = model_card.markdown(spec, version=version, run_id=run_id, cases=cases, scores=scores, gate=decision,
+                               promotion=promoted, audit_head=head, audit_records=len(records), plan_hash=plan_hash,
+                               spec_sha256=compliance.file_sha256(spec.path), bytes_per_round=per_round, engine=engine.ENGINE,
+                               privacy=privacy)
+    model_card.publish(spec, version, card, model_card.tags(
+        spec, run_id=run_id, cases=cases, global_scores={s: scores[s]["global"] for s in spec.site_names}, gate=decision,
+        promotion=promoted, audit_head=head, plan_hash=plan_hash, task_signature=promotion.task_signature(spec),
+        privacy=privacy))
+    annex = dpia.annex_markdown(spec, audit_records=records, plan_hash=plan_hash, privacy=privacy)
+    for path in dpia.write_annex(annex, workspace / "dpia" / "annex.md"):
+        mlflow.log_artifact(str(path), "dpia")
+    return promoted
+
+
 # --------------------------------------------------------------------------- the flow
 
 @flow(name="federated-training", log_prints=True)
@@ -434,6 +472,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     ``parent_run_id``: log as a child of that MLflow run (the privacy sweep's levels)."""
     t0 = time.time()  # wall clock: compared with the participants' event times
     spec = validate_spec(spec_path)
+    compliance.check_governance(spec)  # no site process touches data without a lawful basis on record
     summaries = check_site_data(spec)
     if spec.task.kind == "tabular" and spec.task.standardise == "federated":
         spec = federated_statistics(spec, summaries)
@@ -442,10 +481,11 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     work = Path(workdir) if workdir else tracking.fedward_home() / "runs"
     tracking.configure(f"fedward/{spec.name}")
     workspace = build_workspace(spec, work)
+    compliance.record_plans_shipped(spec, workspace)
     print(f"workspace {workspace}: plan hash {engine.plan_hash(workspace / 'aggregator')[:16]}..., "
           f"{len(spec.sites)} site certificates signed by the federation CA")
     with mlflow.start_run(run_name=f"{spec.name} {dt.datetime.now():%Y-%m-%d %H:%M}", nested=parent_run_id is not None,
-                          parent_run_id=parent_run_id) as run:
+                          parent_run_id=parent_run_id) as run, compliance.sealed_audit_log(workspace) as audit:
         mlflow.set_tags({"fedward.federation": spec.name, "fedward.engine": engine.ENGINE,
                          "fedward.workspace": str(workspace), "fedward.algorithm": spec.algorithm})
         mlflow.log_params({
@@ -488,12 +528,16 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         global_path = workspace / "models" / "global.pt"
         global_path.parent.mkdir(exist_ok=True)
         torch.save(state, global_path)
+        audit.append("federation_finished", rounds=last_round, model_sha256=compliance.file_sha256(global_path))
         print("federation finished; training local-only baselines with the same budget ...")
         local_paths = train_local_baselines(spec, workspace, rounds_done)
         models = {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}}
         if spec.simulation:
             models["pooled"] = train_pooled(spec, workspace)
         own = personalise(spec, workspace, global_path) if spec.personalise_epochs else None
+        champion = promotion.fetch_champion(spec, workspace)
+        if champion.path is not None:  # the current champion, scored at every site beside the new model
+            models["champion"] = champion.path
         scores = evaluate_models(spec, workspace, models, own)
         metric = spec.task.metric
         table = comparison_table(spec, scores)
@@ -525,6 +569,8 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         registered = register_global_model(spec, global_path, decision)
         if privacy_summary:
             privacy_flow.tag_model_version(registered["name"], registered["version"], privacy_summary)
+        promoted = review_and_promote(spec, workspace, run.info.run_id, registered, global_path, scores, summaries,
+                                      decision, champion, audit, privacy_summary)
         wall = time.time() - t0
         mlflow.log_metric("wall_seconds", wall)
         summary = {
@@ -533,6 +579,9 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             "gate": {"passed": decision.passed, "rule": decision.rule, "candidate": decision.candidate,
                      "reason": decision.reason, "margins": decision.margins},
             "scores": scores, "wall_seconds": round(wall, 1),
+            "promotion": {"alias": promoted.alias, "reason": promoted.reason, "champion_before": promoted.champion_version,
+                          "margins": promoted.margins},
+            "audit_log": {"path": str(audit.path), "head": audit.head()},
             "mlflow_run_id": run.info.run_id, "registered_model": {"name": registered["name"], "version": registered["version"]},
             "timing": result["timing"], "round_history": result["history"], "workspace": str(workspace),
         }
@@ -547,4 +596,5 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
     return summary
 
 
-USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError, privacy_flow.PrivacyBudgetError)
+USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError, privacy_flow.PrivacyBudgetError,
+               GovernanceError)

@@ -30,7 +30,7 @@ import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows import tracking
+from flows import compliance, tracking
 from sitekit import bundle as B
 from sitekit import pki
 from sitekit.engine import openfl_adapter as engine
@@ -231,6 +231,7 @@ def ship_plan(spec_path: str, csrs: dict[str, str] | None, images: dict | None, 
     uploaded with their invite-sites links); ``images`` is the result of the
     build-site-images flow (None: the sites run sitekit from a Python installation)."""
     spec = load_spec(spec_path)
+    compliance.check_governance(spec, when="before any plan is shipped")  # no bundle for a site without its record
     folder = federation_folder(spec, workdir)
     tracking.configure(f"fedward/{spec.name}")
     with mlflow.start_run(run_name=f"ship-plan {dt.datetime.now():%Y-%m-%d %H:%M}"):
@@ -249,6 +250,9 @@ def ship_plan(spec_path: str, csrs: dict[str, str] | None, images: dict | None, 
                      for site, b in bundles.items()}
         for site, p in published.items():
             mlflow.set_tag(f"bundle.{site}", p["fingerprint"])
+        audit = compliance.record_bundles_shipped(spec, Path(fed["aggregator_folder"]), published, fed["plan_sha256"])
+        mlflow.log_artifact(str(audit.path), "audit")
+        mlflow.set_tag(compliance.HEAD_TAG, audit.head())
         mlflow.log_dict({"federation": spec.name, "plan_sha256": fed["plan_sha256"], "sites": published},
                         "bundles/fingerprints.json")
         text = "".join(f"{site}  {p['fingerprint']}\n" for site, p in published.items())

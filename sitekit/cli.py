@@ -151,7 +151,7 @@ def cmd_evaluate(args) -> int:
         model = task.build_model(seed=s["seed"])
         state = model.state_dict()
         state.update(torch.load(path, map_location="cpu", weights_only=True))
-        if name == "global":
+        if name in ("global", "champion"):  # both are federated models: the site's own layers complete them
             state.update(own)
         model.load_state_dict(state)
         scores[name] = task.evaluate(model, test)

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from sitekit import bundle as B
+from sitekit.audit import AuditLog
 from sitekit.layout import participant_layout
 
 BUNDLE_DIR = "bundle"
@@ -167,8 +168,8 @@ def approve(home: Path, by: str, plan_sha256: str | None = None) -> dict:
     }
     text = json.dumps(record, indent=2) + "\n"
     atomic_write(Path(home) / APPROVAL, text)
-    with open(Path(home) / APPROVALS_LOG, "a") as log:  # the history; approval.json is the one in force
-        log.write(json.dumps(record) + "\n")
+    # the history, hash-chained (sitekit/audit.py: 'fedward audit-log verify' checks it); approval.json is the one in force
+    AuditLog(Path(home) / APPROVALS_LOG).append("approval", **record)
     return record
 
 

@@ -5,6 +5,7 @@ Every field is validated before anything starts. A wrong or missing field raises
 """
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import ipaddress
 import os
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sitekit.governance import SiteGovernance, parse_site_governance
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedbn")
 # Each algorithm's settings and their defaults (see sitekit/algorithms/ for the update rules).
@@ -71,6 +74,7 @@ class TaskSpec:
 class SiteSpec:
     name: str
     data: Path  # absolute
+    governance: SiteGovernance | None = None  # controller, lawful basis, DPA, DPIA (sitekit/governance.py)
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,8 @@ class FederationSpec:
         def clean(v):
             if isinstance(v, Path):
                 return str(v)
+            if isinstance(v, dt.date):
+                return v.isoformat()
             if isinstance(v, tuple):
                 return [clean(x) for x in v]
             if isinstance(v, dict):
@@ -148,7 +154,7 @@ STANDARDISE = ("site", "federated")
 _MODEL = {"name": True, "channels": False, "strides": False, "res_units": False, "norm": False}
 _PERSONALISE = {"epochs": True}
 _PRE = {"normalize": False, "label": False}
-_SITE = {"name": True, "data": True}
+_SITE = {"name": True, "data": True, "governance": False}
 _AGG = {"host": False, "port": False}
 _TIMEOUTS = {"startup_seconds": False, "round_seconds": False}
 
@@ -387,7 +393,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
                          "set it (e.g. FEDWARD_DATA=../shared/data) or write the path out.")
         data = Path(raw_data).expanduser()
         data = (base / data).resolve() if not data.is_absolute() else data.resolve()
-        sites.append(SiteSpec(name=sname, data=data))
+        sites.append(SiteSpec(name=sname, data=data, governance=parse_site_governance(r, s.get("governance"), f"sites[{i}]")))
     for i, a in enumerate(sites):
         for j, b in enumerate(sites[:i]):
             if a.data == b.data or a.data in b.data.parents or b.data in a.data.parents:

@@ -73,6 +73,15 @@ def sites(ixi_pool, tmp_path) -> dict[str, Path]:
     return out
 
 
+def site_governance(site: str) -> dict:
+    """A complete, in-force governance record for a test site (test data, no real agreement)."""
+    return {"controller": f"Test controller of {site}", "role": "joint_controller",
+            "lawful_basis": {"art6": "e", "art9": "j"},
+            "dpa": {"reference": f"TEST-DPA-{site}", "date": "2026-01-15", "valid_until": "2099-12-31"},
+            "dpia": {"reference": f"TEST-DPIA-{site}", "date": "2026-01-08"},
+            "data_use": "fedward tests: train and evaluate a model; no other use."}
+
+
 def write_spec(path: Path, sites: dict[str, Path], port: int, **overrides) -> Path:
     import yaml
 
@@ -80,7 +89,7 @@ def write_spec(path: Path, sites: dict[str, Path], port: int, **overrides) -> Pa
         "name": "ixi-test",
         "task": {"model": {"name": "unet3d", "channels": [8, 16, 32, 64], "strides": [2, 2, 2], "res_units": 1},
                  "loss": "dice_ce", "metric": "dice", "input_size": [64, 64, 64]},
-        "sites": [{"name": n, "data": str(f)} for n, f in sites.items()],
+        "sites": [{"name": n, "data": str(f), "governance": site_governance(n)} for n, f in sites.items()],
         "rounds": 2, "local_epochs": 1, "batch_size": 2, "learning_rate": 0.005,
         "algorithm": "fedavg", "aggregator": {"host": "localhost", "port": port}, "tls": True,
         "timeouts": {"startup_seconds": 120, "round_seconds": 180},

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import BIN, DATA, free_port
+from conftest import BIN, DATA, free_port, site_governance
 from sitekit import sitehome as H
 from sitekit.cli import main as sitekit_main
 from sitekit.layout import participant_layout
@@ -132,8 +132,8 @@ def federation(tmp_path_factory, s3_server, mlflow_server, prefect_server):
     root = tmp_path_factory.mktemp("egress")
     port = free_port()
     spec = {"name": "heart-egress", "task": {"kind": "tabular", "dataset": "heart-disease", "model": {"name": "logreg"}},
-            "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data")},
-                      {"name": "hungary", "data": str(HEART / "processed.hungarian.data")}],
+            "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data"), "governance": site_governance("cleveland")},
+                      {"name": "hungary", "data": str(HEART / "processed.hungarian.data"), "governance": site_governance("hungary")}],
             "rounds": 2, "local_steps": 20, "batch_size": 4, "learning_rate": 0.001,
             "aggregator": {"host": "localhost", "port": port}, "timeouts": {"startup_seconds": 60, "round_seconds": 60}}
     (root / "fed.yaml").write_text(yaml.safe_dump(spec))
@@ -293,3 +293,19 @@ def test_preflight_through_the_proxy_then_train_through_it(federation, hospital,
     proxy_log = hospital.proxy.log.read_text()
     assert proxy_log.count(f"CONNECT localhost:{federation['port']}") >= 4  # preflight handshakes + gRPC + training
     assert (federation["aggregator"] / "save" / "final.pbuf").exists()
+    # the federation's audit log (aggregator folder): what ship-plan shipped, then every update the
+    # aggregator received, recorded by the aggregator itself (no flow was watching this one)
+    from sitekit.audit import AuditLog, verify
+
+    audit = AuditLog(federation["aggregator"] / "audit.jsonl")
+    assert verify(audit.path).ok
+    recs = audit.records()
+    shipped = {r["data"]["site"]: r["data"]["bundle_fingerprint"] for r in recs if r["kind"] == "plan_shipped"}
+    assert shipped == {s: v["fingerprint"] for s, v in federation["shipped"]["sites"].items()}
+    trained = sorted((r["data"]["site"], r["data"]["round"]) for r in recs
+                     if r["kind"] == "update_received" and r["data"]["task"] == "train")
+    assert trained == [("cleveland", 0), ("cleveland", 1), ("hungary", 0), ("hungary", 1)]
+    # and each site's approval is in its own hash-chained approvals log
+    for home in (home_c, home_h):
+        log = AuditLog(home / H.APPROVALS_LOG)
+        assert verify(log.path).ok and [r["kind"] for r in log.records()][-1] == "approval"

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import DATA, free_port
+from conftest import DATA, free_port, site_governance
 from flows.federated_training import federated_training
 from sitekit.tabular import inspect_site
 
@@ -44,8 +44,8 @@ def _spec(tmp: Path, name: str, hungary: Path, gate: str) -> Path:
     spec = {
         "name": name,
         "task": {"kind": "tabular", "dataset": "heart-disease", "model": {"name": "logreg"}, "standardise": "federated"},
-        "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data")},
-                  {"name": "hungary", "data": str(hungary)}],
+        "sites": [{"name": "cleveland", "data": str(HEART / "processed.cleveland.data"), "governance": site_governance("cleveland")},
+                  {"name": "hungary", "data": str(hungary), "governance": site_governance("hungary")}],
         "rounds": 5, "local_steps": 50, "batch_size": 4, "learning_rate": 0.01, "algorithm": "fedavg",
         "gate": gate, "aggregator": {"host": "localhost", "port": free_port()},
         "timeouts": {"startup_seconds": 120, "round_seconds": 120},

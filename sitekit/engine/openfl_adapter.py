@@ -30,6 +30,7 @@ OpenFL 1.9 behaviours handled here (see ENVIRONMENT.md):
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from sitekit.algorithms import fedbn, scaffold
 from sitekit.algorithms.fedadam import FedAdam
 from sitekit.algorithms.fedyogi import FedYogi
 from sitekit.algorithms.fedprox import ProximalTerm
+from sitekit.audit import AuditLog, tensors_digest
 from sitekit.data import DataError
 from sitekit.layout import participant_layout  # noqa: F401  (re-exported: the OpenFL folder convention)
 from sitekit.netcheck import tls_probe
@@ -77,6 +79,7 @@ INIT_MODEL = Path("save/init.pbuf")
 LAST_MODEL = Path("save/last.pbuf")  # OpenFL's: the model *entering* the last round
 FINAL_MODEL = Path("save/final.pbuf")  # ours: the aggregate of the last round's updates
 EVENTS = Path("events.jsonl")
+AUDIT = Path("audit.jsonl")  # the federation's audit log, in the aggregator's folder (sitekit/audit.py)
 STATUS = Path("status.json")
 MODEL_PREFIX = "model."  # the task runner holds the network as ``self.model``
 SCAFFOLD_PREFIX = "scaffold_c."  # SCAFFOLD: the server control variate travels beside the model
@@ -142,7 +145,10 @@ def plan_config(spec: FederationSpec) -> dict:
                 "last_state_path": str(LAST_MODEL), "rounds_to_train": spec.rounds,
                 "db_store_rounds": 2, "persist_checkpoint": True,
                 "persistent_db_path": "local_state/tensor.db", "use_delta_updates": False,
-                "events_path": str(EVENTS),
+                "events_path": str(EVENTS), "audit_path": str(AUDIT),
+                # the last day each site's data processing agreement applies: no round starts after it
+                "agreements_valid_until": {s.name: s.governance.dpa.valid_until.isoformat() for s in spec.sites
+                                           if s.governance and s.governance.dpa and s.governance.dpa.valid_until},
             },
         },
         "collaborator": {
@@ -715,16 +721,20 @@ class _RoundEvents(Callback):
 
 
 class FedwardAggregator(Aggregator):
-    """OpenFL's aggregator plus progress events and round-boundary long-polling."""
+    """OpenFL's aggregator plus progress events, round-boundary long-polling, the audit trail of every
+    update it receives, and a refusal to start a round with a site whose agreement has lapsed."""
 
     def __init__(self, events_path: str = str(EVENTS), long_poll_seconds: float = 2.0, privacy: dict | None = None,
-                 **kwargs):
+                 audit_path: str | None = None, agreements_valid_until: dict | None = None, **kwargs):
         self.events = EventLog(Path(events_path))
         self.privacy = privacy
         self.planned_rounds = int(kwargs.get("rounds_to_train", 1))
         self.privacy_stop = json.loads(PRIVACY_STOP.read_text()) if PRIVACY_STOP.exists() else None
         if self.privacy_stop:  # a restart after the budget stop must not train past it
             kwargs["rounds_to_train"] = int(self.privacy_stop["rounds_completed"])
+        self.audit = AuditLog(audit_path) if audit_path else None
+        self.agreements_valid_until = {k: dt.date.fromisoformat(v) for k, v in (agreements_valid_until or {}).items()}
+        self.refused: str | None = None
         self.long_poll_seconds = long_poll_seconds
         self._progress = threading.Condition()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), _RoundEvents(self)]
@@ -777,7 +787,33 @@ class FedwardAggregator(Aggregator):
             self.aggregation.save(SERVER_STATE, int(round_number))
         return super()._save_model(round_number, file_path)
 
+    def _record(self, kind: str, **data) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.append(kind, **data)
+        except Exception:  # an exception inside an RPC handler would make the site retry forever
+            log.exception("could not write audit record %s", kind)
+            self.events.emit("failed", reason=f"the audit log {self.audit.path} cannot be written; stopping rather "
+                                              "than receiving updates that are not recorded")
+            self.refused = "audit log not writable"
+
+    def _lapsed(self) -> tuple[str, str] | None:
+        """(site, reason) for the first site whose agreement has lapsed: a round needs every site."""
+        today = dt.date.today()
+        for site, until in self.agreements_valid_until.items():
+            if today > until:
+                return site, (f"site '{site}': its data processing agreement expired on {until.isoformat()}; "
+                              "no round is started with it (renew the agreement and ship a new plan)")
+        return None
+
     def get_tasks(self, collaborator_name):
+        if not self.refused and (lapsed := self._lapsed()):
+            self.refused = lapsed[1]
+            self.events.emit("failed", reason=lapsed[1])
+            self._record("round_refused", site=lapsed[0], round=int(self.round_number), reason=lapsed[1])
+        if self.refused:
+            return [], self.round_number, 1, False
         # Instead of telling an idle site to sleep 10 s, wait (bounded) for the round to move on.
         deadline = time.monotonic() + self.long_poll_seconds
         while True:
@@ -790,10 +826,40 @@ class FedwardAggregator(Aggregator):
             with self._progress:
                 self._progress.wait(timeout=left)
 
+    def _dp_applied(self, task_name: str, named_tensors) -> dict | None:
+        """The DP parameters a training update was made under: the plan's settings and, where the site
+        accounts for itself (dp-sgd; client-dp with noise at the site), the σ, sampling rate, δ and ε it
+        reported with the update. None for evaluation results and federations without DP."""
+        if self.privacy is None or task_name != "train":
+            return None
+        p = self.privacy
+        dp = {"mode": p["mode"], "clip": p["clip"], "noise_at": p.get("noise_at", "site"),
+              "noise_multiplier": p.get("noise_multiplier"), "target_epsilon": p.get("target_epsilon")}
+        for t in named_tensors:
+            if not t.report or t.name not in PRIVACY_METRICS:
+                continue
+            try:
+                key = TensorKey(t.name, self.uuid, t.round_number, t.report, tuple(t.tags))
+                meta = [{"int_to_float": m.int_to_float, "int_list": m.int_list, "bool_list": m.bool_list}
+                        for m in t.transformer_metadata]
+                _, value = self.tensor_codec.decompress(key, data=t.data_bytes, transformer_metadata=meta,
+                                                        require_lossless=True)
+                dp[f"site_{t.name}"] = float(np.asarray(value).reshape(-1)[0])
+            except Exception:  # the record is still written, without the figure
+                log.exception("could not read the privacy figure %s from an update", t.name)
+        return dp
+
     def send_local_task_results(self, collaborator_name, round_number, task_name, data_size, named_tensors):
         nbytes = sum(len(t.data_bytes) for t in named_tensors)
+        # What arrived, exactly: one digest over every tensor's name, tags and bytes (for the audit log).
+        digest = tensors_digest((f"{t.name}|{','.join(t.tags)}", t.data_bytes) for t in named_tensors)
         super().send_local_task_results(collaborator_name, round_number, task_name, data_size, named_tensors)
-        self.events.emit("result", site=collaborator_name, round=int(round_number), task=task_name, bytes=int(nbytes))
+        self.events.emit("result", site=collaborator_name, round=int(round_number), task=task_name, bytes=int(nbytes),
+                         tensors=len(named_tensors), sha256=digest, data_size=int(data_size))
+        # Recorded where it arrives, as it arrives, with the DP the update was trained under.
+        self._record("update_received", site=collaborator_name, round=int(round_number), task=task_name,
+                     bytes=int(nbytes), tensors=len(named_tensors), sha256=digest, cases=int(data_size),
+                     dp=self._dp_applied(task_name, named_tensors))
         with self._progress:
             self._progress.notify_all()
 
@@ -819,10 +885,12 @@ def run_aggregator(bind: str = "localhost") -> int:
     aggregator_pb2_grpc.add_AggregatorServicer_to_server(server, grpc_server)
     grpc_server.start()
     agg.events.emit("listening", address=f"{bind}:{port}")
-    while not agg.all_quit_jobs_sent():
+    while not agg.all_quit_jobs_sent() and not agg.refused:
         time.sleep(0.1)
     grpc_server.stop(grace=2).wait()
     agg.events.emit("stopped")
+    if agg.refused:
+        return _status(EXIT_REFUSED, agg.refused)
     return 0
 
 

@@ -1,0 +1,102 @@
+"""The DPIA technical annex: participants, what leaves each site (computed from the model), DP, security,
+retention; Markdown and PDF. (Its bytes are checked against a real federation in test_operations.py.)"""
+from __future__ import annotations
+
+
+import pytest
+import torch
+
+from conftest import DATA, REPO
+from flows import dpia
+from sitekit.spec import load_spec
+from sitekit.tasks import get_task
+
+
+@pytest.fixture
+def ixi_spec(monkeypatch):
+    return load_spec(REPO / "federations" / "ixi-brain.yaml")
+
+
+@pytest.fixture
+def heart_spec(monkeypatch):
+    monkeypatch.setenv("FEDWARD_DATA", str(DATA))
+    return load_spec(REPO / "federations" / "heart-disease.yaml")
+
+
+def test_tensor_table_is_the_unet_itself(ixi_spec):
+    table = dpia.tensor_table(ixi_spec)
+    model = get_task(ixi_spec.task).build_model(seed=0)
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    assert [t["name"] for t in table] == list(state)
+    for t in table:
+        assert t["shape"] == list(state[t["name"]].shape) and t["dtype"] == "float32"
+        assert t["bytes"] == state[t["name"]].numel() * 4
+    assert sum(t["bytes"] for t in table) == sum(p.numel() for p in state.values()) * 4
+    assert dpia.train_update_bytes(ixi_spec) == sum(t["bytes"] for t in table) + 8
+
+
+def test_fedbn_layers_stay_at_the_site_and_scaffold_sends_its_variate(ixi_spec):
+    import dataclasses
+
+    fedbn = dataclasses.replace(ixi_spec, algorithm="fedbn",
+                                task=dataclasses.replace(ixi_spec.task, model=dataclasses.replace(ixi_spec.task.model, norm="batch")))
+    names = [t["name"] for t in dpia.tensor_table(fedbn)]
+    assert names and not any(".adn.N." in n for n in names)  # normalisation layers never leave the site
+    scaffold = dataclasses.replace(ixi_spec, algorithm="scaffold", algorithm_params={"server_lr": 1.0, "local_lr": 0.01})
+    t = dpia.tensor_table(scaffold)
+    model = [x for x in t if x["name"].startswith("model.")]
+    variate = [x for x in t if x["name"].startswith("scaffold_c.")]
+    assert len(variate) > 0 and sum(x["bytes"] for x in variate) <= sum(x["bytes"] for x in model)
+
+
+def test_annex_sections_and_facts(heart_spec):
+    text = dpia.annex_markdown(heart_spec)
+    for heading in ("## 1. Participants and roles", "## 2. What is processed where", "## 3. Exactly what leaves each site",
+                    "## 4. Differential privacy and inversion audit", "## 5. Security measures", "## 6. Retention"):
+        assert heading in text
+    for s in heart_spec.sites:
+        g = s.governance
+        assert f"| {s.name} | {g.controller} | joint controller | (e) a task carried out in the public interest" in text
+        assert f"{g.dpa.reference} of 2026-01-15, valid until 2030-12-31" in text and f"{g.dpia.reference} of 2026-01-08" in text
+    assert "| `model.linear.weight` | 1 x 13 | float32 | 52 |" in text and "| **model** | | | **56** |" in text
+    assert "64 bytes in all" in text and "Per site: 72 bytes per round, 1,080 bytes over 15 rounds" in text
+    assert "per-feature count, sum and sum of squares" in text  # federated standardisation shares aggregates: say so
+    assert "Differential privacy: **none**" in text and "Inversion audit: none run" in text
+    assert "mutual TLS" in text and "no approval recorded for this run" in text
+    assert text.count("*to be completed by the controller(s)*") >= 4
+
+
+def test_annex_reports_dp_and_inversion_audit_when_present(heart_spec):
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Privacy:  # the shape issue 4's privacy settings are expected to have
+        epsilon: float = 3.0
+        delta: float = 1e-5
+        max_grad_norm: float = 1.0
+
+    spec = dataclasses.replace(heart_spec)
+    object.__setattr__(spec, "privacy", Privacy())
+    text = dpia.annex_markdown(spec, inversion_audit={"attack": "gradient inversion", "best PSNR": "11.2 dB"})
+    assert "(ε = 3.0, δ = 1e-05)-DP" in text and "max_grad_norm 1.0" in text
+    assert "Inversion audit: attack: gradient inversion; best PSNR: 11.2 dB." in text
+
+
+def test_annex_marks_missing_governance(tmp_path, heart_spec):
+    import dataclasses
+
+    spec = dataclasses.replace(heart_spec, sites=(dataclasses.replace(heart_spec.sites[0], governance=None), *heart_spec.sites[1:]))
+    assert "| cleveland | **missing** |" in dpia.annex_markdown(spec)
+
+
+def test_cli_writes_markdown_and_pdf(tmp_path, capsys):
+    from flows.cli import main
+
+    out = tmp_path / "annex.md"
+    assert main(["dpia-annex", str(REPO / "federations" / "ixi-brain.yaml"), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.split() == [str(out), str(out.with_suffix(".pdf"))]
+    text = out.read_text()
+    assert "# DPIA technical annex: federation `ixi-brain`" in text and "DEMO-DPA-IXI-B" in text
+    assert "**602,532**" in text  # the demo UNet: 150,633 float32 parameters
+    pdf = out.with_suffix(".pdf").read_bytes()
+    assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 2
