@@ -40,7 +40,7 @@ def _spec_with_seed(seed: int, folder: Path) -> Path:
     spec = load_spec(SPEC)
     raw = yaml.safe_load(SPEC.read_text())
     raw["seed"] = seed
-    raw["sites"] = [{"name": s.name, "data": str(s.data)} for s in spec.sites]
+    raw["sites"] = [{**r, "data": str(s.data)} for r, s in zip(raw["sites"], spec.sites)]  # absolute paths; governance kept
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"pneumonia-dp-seed{seed}.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))

@@ -27,6 +27,8 @@ from sitekit.spec import FederationSpec
 TBC = "*to be completed by the controller(s)*"
 SCALAR_BYTES = 4  # every metric travels as one float32
 TRAIN_SCALARS = 2  # with the training update: training loss, training seconds
+# ... and where the site keeps its own privacy accountant (dp-sgd; client-dp with noise at the site):
+PRIVACY_SCALARS = ("ε spent", "ε after one more round", "δ", "noise multiplier", "sampling rate", "privacy steps")
 VALIDATION_RESULTS = 2  # the metric of the model received and of the model trained, one scalar each
 
 
@@ -40,7 +42,14 @@ def tensor_table(spec: FederationSpec) -> list[dict]:
 
 def train_update_bytes(spec: FederationSpec) -> int:
     """Bytes of one training update as the aggregator receives it: the shared tensors and two float32 metrics."""
-    return sum(t["bytes"] for t in tensor_table(spec)) + TRAIN_SCALARS * SCALAR_BYTES
+    return sum(t["bytes"] for t in tensor_table(spec)) + train_scalars(spec) * SCALAR_BYTES
+
+
+def train_scalars(spec: FederationSpec) -> int:
+    """The float32 numbers that travel with a training update."""
+    p = spec.privacy
+    site_accounts = p is not None and (p.mode == "dp-sgd" or p.noise_at == "site")
+    return TRAIN_SCALARS + (len(PRIVACY_SCALARS) if site_accounts else 0)
 
 
 def measured_bytes(audit_records: list[dict]) -> dict[str, dict[int, int]]:
@@ -118,11 +127,15 @@ def annex_markdown(spec: FederationSpec, *, today: dt.date | None = None, audit_
           "| tensor | shape | type | bytes |", "|---|---|---|---|"]
     for x in tensors:
         L.append(f"| `{x['name']}` | {' x '.join(map(str, x['shape'])) or 'scalar'} | {x['dtype']} | {x['bytes']:,} |")
-    train_bytes = update_bytes + TRAIN_SCALARS * SCALAR_BYTES
+    n_scalars = train_scalars(spec)
+    train_bytes = update_bytes + n_scalars * SCALAR_BYTES
     round_bytes = train_bytes + VALIDATION_RESULTS * SCALAR_BYTES
     L += [f"| **model** | | | **{update_bytes:,}** |", "",
-          f"With them travel two float32 numbers (the training loss and the training time), {train_bytes:,} bytes in all, "
-          "and the site's number of training cases (the weight of its update). Each round the site also reports two "
+          (f"With them travel two float32 numbers (the training loss and the training time), {train_bytes:,} bytes in all, "
+           if n_scalars == TRAIN_SCALARS else
+           f"With them travel {n_scalars} float32 numbers (the training loss, sent as NaN under DP, the training time, "
+           f"and the site's privacy accounting: {', '.join(PRIVACY_SCALARS)}), {train_bytes:,} bytes in all, ")
+          + "and the site's number of training cases (the weight of its update). Each round the site also reports two "
           f"validation results of one float32 each: the {t.metric} of the model it received and of the model it trained, "
           f"on its own test cases. Per site: {round_bytes:,} bytes per round, {round_bytes * spec.rounds:,} bytes over "
           f"{spec.rounds} rounds.", ""]

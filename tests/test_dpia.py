@@ -3,6 +3,8 @@ retention; Markdown and PDF. (Its bytes are checked against a real federation in
 from __future__ import annotations
 
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,19 +68,13 @@ def test_annex_sections_and_facts(heart_spec):
     assert text.count("*to be completed by the controller(s)*") >= 4
 
 
-def test_annex_reports_dp_and_inversion_audit_when_present(heart_spec):
-    import dataclasses
-
-    @dataclasses.dataclass(frozen=True)
-    class Privacy:  # the shape issue 4's privacy settings are expected to have
-        epsilon: float = 3.0
-        delta: float = 1e-5
-        max_grad_norm: float = 1.0
-
-    spec = dataclasses.replace(heart_spec)
-    object.__setattr__(spec, "privacy", Privacy())
-    text = dpia.annex_markdown(spec, inversion_audit={"attack": "gradient inversion", "best PSNR": "11.2 dB"})
-    assert "(ε = 3.0, δ = 1e-05)-DP" in text and "max_grad_norm 1.0" in text
+def test_annex_reports_the_dp_a_run_spent_and_the_inversion_audit(heart_spec):
+    dp = load_spec(REPO / "federations" / "pneumonia-dp.yaml").privacy  # issue 4's privacy section, as parsed
+    spec = dataclasses.replace(heart_spec, privacy=dp)
+    spent = {"epsilon": 3.2107, "delta": 1e-5, "noise_multiplier": {"cleveland": 1.0, "hungary": 1.0}}
+    text = dpia.annex_markdown(spec, privacy=spent,
+                               inversion_audit={"attack": "gradient inversion", "best PSNR": "11.2 dB"})
+    assert "ε = 3.211 (spent in this run (worst site)), δ = 1e-05" in text and "max_grad_norm 1.0" in text
     assert "Inversion audit: attack: gradient inversion; best PSNR: 11.2 dB." in text
 
 
@@ -100,3 +96,20 @@ def test_cli_writes_markdown_and_pdf(tmp_path, capsys):
     assert "**602,532**" in text  # the demo UNet: 150,633 float32 parameters
     pdf = out.with_suffix(".pdf").read_bytes()
     assert pdf.startswith(b"%PDF") and pdf.count(b"/Type /Page") >= 2
+
+
+def test_annex_of_a_dp_federation_states_the_enforced_target_before_any_run():
+    spec = load_spec(REPO / "federations" / "pneumonia-dp.yaml")
+    text = dpia.annex_markdown(spec)
+    section = text[text.index("## 4."):text.index("## 5.")]
+    assert "Differential privacy (dp-sgd): (ε, δ)-DP for each site's training records" in section
+    assert "ε = 8 (at most the enforced target), δ = 1e-05" in section and "max_grad_norm 1.0" in section
+    assert "**none**" not in section
+    # a DP site sends its accounting with every update: 6 float32 more than without DP
+    plain = dataclasses.replace(spec, privacy=None)
+    assert dpia.train_update_bytes(spec) - dpia.train_update_bytes(plain) == 6 * 4
+
+
+def test_annex_without_dp_says_none_and_names_the_residual_risk(heart_spec):
+    section = dpia.annex_markdown(heart_spec).split("## 4.")[1].split("## 5.")[0]
+    assert "Differential privacy: **none**" in section and "residual risk" in section

@@ -28,7 +28,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 
-from conftest import free_port
+from conftest import free_port, site_governance
 from flows import federated_training as ft
 from flows.supervisor import EventTail, Supervisor
 from sitekit.engine import openfl_adapter as engine
@@ -54,7 +54,7 @@ def dp_sgd_epsilon(site: str, rounds: int, batch: int, noise: float, delta: floa
 def write_spec(tmp: Path, pool: dict, sites: list[str], privacy: dict | None, name: str, **top) -> Path:
     spec = {"name": name,
             "task": {"kind": "classification", "model": {"name": "cnn2d", "channels": [8, 16, 16]}, "input_size": [28, 28]},
-            "sites": [{"name": s, "data": str(pool[s])} for s in sites],
+            "sites": [{"name": s, "data": str(pool[s]), "governance": site_governance(s)} for s in sites],
             "rounds": 3, "local_epochs": 1, "batch_size": 32, "learning_rate": 0.002,
             "aggregator": {"host": "localhost", "port": free_port()},
             "timeouts": {"startup_seconds": 180, "round_seconds": 240}, **top}
@@ -122,6 +122,35 @@ def test_budget_stop_is_tagged_not_failed_and_the_model_within_budget_is_registe
     loaded = mlflow.pytorch.load_model(f"models:/{reg['name']}/{reg['version']}")
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, state[k].to(v.dtype))
+
+
+def test_audit_log_model_card_and_dpia_annex_carry_the_privacy_the_run_spent(stopped_run):
+    """The governance records of a DP run: every training update's audit record names the DP it
+    was trained under and the ε its site reported; the model card, its tags and the DPIA annex
+    give the ε spent (not "none", and not merely the target)."""
+    s = stopped_run["summary"]
+    p = s["privacy"]
+    records = [json.loads(line) for line in (Path(s["workspace"]) / "aggregator" / "audit.jsonl").read_text().splitlines()]
+    updates = [r["data"] for r in records if r["kind"] == "update_received"]
+    train = [u for u in updates if u["task"] == "train"]
+    assert sorted(u["site"] for u in train) == sorted(STOP_SITES)  # one round, one update per site
+    for u in train:
+        assert u["dp"]["mode"] == "dp-sgd" and u["dp"]["clip"] == 1.0 and u["dp"]["noise_multiplier"] == 1.0
+        assert u["dp"]["site_epsilon"] == pytest.approx(p["per_site"][u["site"]]["epsilon"], rel=1e-5)
+        assert u["dp"]["site_delta"] == pytest.approx(1e-5, rel=1e-5)
+    assert all(u["dp"] is None for u in updates if u["task"] != "train")
+    # the annex's byte count, computed from the model and the metrics a DP site reports, is what arrived
+    from flows import dpia
+
+    assert {u["bytes"] for u in train} == {dpia.train_update_bytes(stopped_run["spec"])}
+    client = MlflowClient()
+    reg = s["registered_model"]
+    version = client.get_model_version(reg["name"], reg["version"])
+    assert float(version.tags["fedward.epsilon"]) == pytest.approx(p["epsilon"], abs=1e-4)
+    assert float(version.tags["fedward.delta"]) == pytest.approx(1e-5)
+    assert f"ε = {p['epsilon']:.4g} (spent in this run (worst site))" in version.description
+    annex = (Path(s["workspace"]) / "dpia" / "annex.md").read_text()
+    assert "Differential privacy (dp-sgd)" in annex and f"ε = {p['epsilon']:.4g}" in annex and "**none**" not in annex
 
 
 # --------------------------------------------------------------------------- engine-level runs
