@@ -431,7 +431,8 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
 
 @task(name="review-and-promote", cache_policy=NO_CACHE)
 def review_and_promote(spec: FederationSpec, workspace: Path, run_id: str, registered: dict, global_path: Path,
-                       scores: dict, summaries: dict, decision, champion, audit, privacy: dict | None = None):
+                       scores: dict, summaries: dict, decision, champion, audit, privacy: dict | None = None,
+                       exploration: str | None = None):
     """Champion or challenger; then the audit trail, the model card and tags, and the DPIA annex."""
     from flows import dpia, model_card
 
@@ -439,7 +440,8 @@ def review_and_promote(spec: FederationSpec, workspace: Path, run_id: str, regis
     audit.append("model_registered", name=spec.name, version=version, model_sha256=compliance.file_sha256(global_path),
                  run_id=run_id, gate="passed" if decision.passed else "refused")
     n_test = {n: s["test_cases"] for n, s in summaries.items()}
-    promoted = promotion.decide(scores, n_test, decision, champion, rule=spec.gate)
+    promoted = (promotion.not_a_candidate(champion, exploration) if exploration
+                else promotion.decide(scores, n_test, decision, champion, rule=spec.gate))
     promotion.apply(spec, version, promoted)
     audit.append("promotion", name=spec.name, version=version, alias=promoted.alias, reason=promoted.reason,
                  champion_before=promoted.champion_version)
@@ -466,10 +468,12 @@ def review_and_promote(spec: FederationSpec, workspace: Path, run_id: str, regis
 
 @flow(name="federated-training", log_prints=True)
 def federated_training(spec_path: str, summary_path: str | None = None, workdir: str | None = None,
-                       parent_run_id: str | None = None) -> dict:
+                       parent_run_id: str | None = None, exploration: str | None = None) -> dict:
     """Train one federation end to end; return (and optionally write) the per-site summary.
 
-    ``parent_run_id``: log as a child of that MLflow run (the privacy sweep's levels)."""
+    ``parent_run_id``: log as a child of that MLflow run (the privacy sweep's levels).
+    ``exploration``: why this run is not a candidate for promotion (a sweep level): its model is
+    registered with its card and tags but no alias moves."""
     t0 = time.time()  # wall clock: compared with the participants' event times
     spec = validate_spec(spec_path)
     compliance.check_governance(spec)  # no site process touches data without a lawful basis on record
@@ -535,7 +539,8 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         if spec.simulation:
             models["pooled"] = train_pooled(spec, workspace)
         own = personalise(spec, workspace, global_path) if spec.personalise_epochs else None
-        champion = promotion.fetch_champion(spec, workspace)
+        champion = (promotion.fetch_champion(spec, workspace) if not exploration
+                    else promotion.Champion(None, None, "not compared: " + exploration))
         if champion.path is not None:  # the current champion, scored at every site beside the new model
             models["champion"] = champion.path
         scores = evaluate_models(spec, workspace, models, own)
@@ -570,7 +575,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         if privacy_summary:
             privacy_flow.tag_model_version(registered["name"], registered["version"], privacy_summary)
         promoted = review_and_promote(spec, workspace, run.info.run_id, registered, global_path, scores, summaries,
-                                      decision, champion, audit, privacy_summary)
+                                      decision, champion, audit, privacy_summary, exploration)
         wall = time.time() - t0
         mlflow.log_metric("wall_seconds", wall)
         summary = {

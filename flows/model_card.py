@@ -63,7 +63,8 @@ def markdown(spec: FederationSpec, *, version: str, run_id: str, cases: dict[str
     lines = [
         f"# Model card: {spec.name}, version {version}",
         "",
-        f"**Status:** `@{promotion.alias}` - {promotion.reason}",
+        (f"**Status:** `@{promotion.alias}` - {promotion.reason}" if promotion.alias != "exploration"
+         else f"**Status:** no alias - {promotion.reason}"),
         "",
         f"**Promotion gate ({gate.rule}): {'PASSED' if gate.passed else 'REFUSED'}** - {gate.reason}",
         "",

@@ -65,9 +65,10 @@ def _port(preferred: int) -> int:
 
 @task(name="write-level-spec", cache_policy=NO_CACHE)
 def level_spec(spec: FederationSpec, raw: dict, noise: float, folder: Path) -> Path:
-    """The spec at one noise level: same everything, site paths made absolute, target ε left out."""
+    """The spec at one noise level: same everything (governance records included), site paths made
+    absolute, target ε left out."""
     out = copy.deepcopy(raw)
-    out["sites"] = [{"name": s.name, "data": str(s.data)} for s in spec.sites]
+    out["sites"] = [{**r, "data": str(s.data)} for r, s in zip(raw["sites"], spec.sites)]
     out["aggregator"] = {**(raw.get("aggregator") or {}), "port": _port(spec.aggregator.port)}
     if noise == 0:
         out.pop("privacy", None)
@@ -178,7 +179,8 @@ def privacy_sweep(spec_path: str, noise_levels: list[float], workdir: str | None
             print(f"privacy sweep: level {i + 1}/{len(noise_levels)}: noise multiplier {noise:g}"
                   f"{' (without privacy)' if noise == 0 else ''}", flush=True)
             path = level_spec(spec, raw, noise, folder)
-            summary = federated_training(str(path), workdir=str(work), parent_run_id=parent.info.run_id)
+            summary = federated_training(str(path), workdir=str(work), parent_run_id=parent.info.run_id,
+                                         exploration=f"privacy-sweep level, noise multiplier {noise:g}")
             rows.append(_row(noise, summary, metric))
             r = rows[-1]
             mlflow.log_metrics({f"sweep/{metric}": r[metric], "sweep/noise_multiplier": noise,

@@ -30,6 +30,7 @@ from flows.gate import GateDecision
 from sitekit.spec import FederationSpec
 
 CHAMPION, CHALLENGER = "champion", "challenger"
+EXPLORATION = "exploration"  # a run that is not a candidate (a privacy-sweep level): tagged, never aliased
 _EPS = 1e-9
 
 
@@ -138,9 +139,16 @@ def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], gate
 def apply(spec: FederationSpec, version: str, decision: PromotionDecision) -> None:
     """Move ``@champion`` (or ``@challenger``) to the new version and tag it with the decision."""
     client = mlflow.MlflowClient()
-    client.set_registered_model_alias(spec.name, decision.alias, version)
+    if decision.alias != EXPLORATION:
+        client.set_registered_model_alias(spec.name, decision.alias, version)
     client.set_model_version_tag(spec.name, version, "fedward.promotion", decision.alias)
     client.set_model_version_tag(spec.name, version, "fedward.promotion.reason", decision.reason[:4900])
     if decision.champion_version is not None:
         client.set_model_version_tag(spec.name, version, "fedward.promotion.previous_champion", decision.champion_version)
-    print(f"version {version} is now '{spec.name}@{decision.alias}': {decision.reason}")
+    print(f"version {version} is now '{spec.name}@{decision.alias}': {decision.reason}" if decision.alias != EXPLORATION
+          else f"version {version} of '{spec.name}' has no alias: {decision.reason}")
+
+
+def not_a_candidate(champion: Champion, why: str) -> PromotionDecision:
+    """The decision for a run that explores (a privacy-sweep level): registered and reviewed, never promoted."""
+    return PromotionDecision(False, EXPLORATION, f"not considered for promotion: {why}", champion.version)

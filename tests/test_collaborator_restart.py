@@ -17,16 +17,16 @@ from flows import federated_training as ft
 from flows.supervisor import EventTail, Supervisor
 from sitekit.engine import openfl_adapter as engine
 from sitekit.spec import load_spec
-from test_aggregator_restart import _tabular_spec, _wait
+from test_aggregator_restart import ROUNDS, _tabular_spec, _wait
 
 
 def test_scaffold_site_variate_survives_a_collaborator_restart(tmp_path):
     # enough local steps that a round takes a moment: the kill lands before the next round's training
     spec_path = _tabular_spec(tmp_path, "scaffold")
-    text = spec_path.read_text().replace("local_steps: 5", "local_steps: 1500")
+    text = spec_path.read_text().replace("local_steps: 5", "local_steps: 1500").replace(f"rounds: {ROUNDS}", "rounds: 3")
     spec_path.write_text(text)
     spec = load_spec(spec_path)
-    assert spec.local_steps == 1500
+    assert spec.local_steps == 1500 and spec.rounds == 3
     workspace = ft.build_workspace.fn(spec, tmp_path / "runs")
     agg_dir, site_dir = workspace / "aggregator", workspace / "sites" / "cleveland"
     state_file = site_dir / engine.SITE_STATE / "scaffold.pt"

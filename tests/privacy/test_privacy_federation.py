@@ -267,6 +267,14 @@ def test_privacy_sweep_logs_a_parent_run_with_one_child_per_level(pneumonia_pool
     lines = csv_text.strip().splitlines()
     assert lines[0].startswith("noise_multiplier,epsilon,delta,auc") and lines[1].startswith("0.0,inf,")
     assert json.loads((tmp_path / "sweep.json").read_text())["rows"][0]["epsilon"] == "inf"
+    # the levels are explorations: registered with their cards, but no alias moves (the level
+    # without DP would otherwise become the champion of a DP federation)
+    model = client.get_registered_model("sweep")
+    assert not model.aliases
+    for r in result["rows"]:
+        v = client.get_model_version("sweep", r["registered_version"])
+        assert v.tags["fedward.promotion"] == "exploration" and "privacy-sweep level" in v.tags["fedward.promotion.reason"]
+        assert "**Status:** no alias" in v.description
 
 
 def test_audit_keeps_images_at_the_site_and_sends_only_numbers(pneumonia_pool, tmp_path, prefect_server, mlflow_server):
