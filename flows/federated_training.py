@@ -388,9 +388,10 @@ def _print_table(table: dict[str, dict], metric: str, rows: list[dict], decision
 
 
 @task(name="register-global-model", cache_policy=NO_CACHE)
-def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=None) -> dict:
+def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=None, exploration: str | None = None) -> dict:
     """Every run's global model becomes a model version (for review and audit); only a model that
-    passed the promotion gate gets the ``candidate`` alias. The version carries the gate's decision."""
+    passed the promotion gate, in a run that is not an exploration, gets the ``candidate`` alias.
+    The version carries the gate's decision."""
     import monai
     import torch
 
@@ -420,13 +421,15 @@ def register_global_model(spec: FederationSpec, state_dict_path: Path, decision=
         client.set_model_version_tag(spec.name, version, "fedward.gate", "passed" if decision.passed else "refused")
         client.set_model_version_tag(spec.name, version, "fedward.gate.reason", decision.reason[:4900])
         client.set_model_version_tag(spec.name, version, "fedward.algorithm", spec.algorithm)
-        if decision.passed:
+        if decision.passed and exploration:
+            print(f"promotion gate passed: version {version} stays without an alias ({exploration})")
+        elif decision.passed:
             client.set_registered_model_alias(spec.name, "candidate", version)
             print(f"promotion gate passed: version {version} is now '{spec.name}@candidate'")
         else:
             print(f"promotion gate refused version {version}: {decision.reason}")
     return {"name": spec.name, "version": version, "model_uri": info.model_uri,
-            "candidate": bool(decision.passed) if decision is not None else None}
+            "candidate": bool(decision.passed and not exploration) if decision is not None else None}
 
 
 @task(name="review-and-promote", cache_policy=NO_CACHE)
@@ -571,7 +574,7 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
             mlflow.log_figure(tracking.curves_figure(result["history"], {s: r["global"] for s, r in table.items()}, metric),
                               "curves/learning_curves.png")
         mlflow.log_dict(result, "curves/rounds.json")
-        registered = register_global_model(spec, global_path, decision)
+        registered = register_global_model(spec, global_path, decision, exploration)
         if privacy_summary:
             privacy_flow.tag_model_version(registered["name"], registered["version"], privacy_summary)
         promoted = review_and_promote(spec, workspace, run.info.run_id, registered, global_path, scores, summaries,
