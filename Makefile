@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export FEDWARD_DATA ?= $(abspath ../shared/data)
 
-.PHONY: setup demo test bench clean stack stack-down stack-status
+.PHONY: setup system-deps demo test bench clean stack stack-down stack-status
 
 $(BIN)/.installed: pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,12 @@ demo: setup
 	$(BIN)/fedward prepare-ixi --source $(FEDWARD_DATA)/ixi-hh --out .fedward/sites
 	$(BIN)/fedward run federations/ixi-brain.yaml --summary .fedward/demo-summary.json
 
-test: setup
+# System packages the tests use (podman, buildah, Orthanc, tinyproxy, socat, ...): installed from
+# Debian when missing (needs root), see infra/system-deps.sh.
+system-deps:
+	infra/system-deps.sh
+
+test: setup system-deps
 	$(BIN)/python -m pytest tests
 
 bench: setup
