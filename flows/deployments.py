@@ -27,6 +27,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINING = "flows/federated_training.py:federated_training"
+SWEEP = "flows/privacy_sweep.py:privacy_sweep"
+AUDIT = "flows/audit.py:audit_flow"
+IMAGES = "flows/site_images.py:build_site_images"
 
 
 @dataclass(frozen=True)
@@ -53,7 +56,28 @@ DEPLOYMENTS: tuple[Deployment, ...] = (
         description="The 4-hospital heart-disease federation, run when triggered.",
         tags=("heart-disease",),
     ),
+    Deployment(
+        "pneumonia-dp-privacy-sweep", SWEEP,
+        {"spec_path": "federations/pneumonia-dp.yaml", "noise_levels": [0.0, 0.5, 1.0, 2.0, 4.0]},
+        description="The privacy-utility curve of the PneumoniaMNIST federation (one child run per noise level, "
+                    "0 = without DP); no alias moves.",
+        tags=("privacy", "pneumonia-dp"),
+    ),
+    Deployment(
+        "pneumonia-dp-inversion-audit", AUDIT, {"spec_path": "federations/pneumonia-dp.yaml", "site": "hospital-c"},
+        description="Gradient-inversion audit of what hospital-c would share (runs inside the site; numbers only "
+                    "to MLflow).",
+        tags=("privacy", "audit", "pneumonia-dp"),
+    ),
+    Deployment(
+        "ixi-brain-site-images", IMAGES, {"spec_path": "federations/ixi-brain.yaml"},
+        description="Build the aggregator image and one collaborator image per site (needs podman's Docker API "
+                    "on the worker; see images/README.md).",
+        tags=("images", "ixi-brain"),
+    ),
 )
+# ship-plan is not declared: it takes each site's certificate request and image digests, which come
+# from the sites at the time (README, For hospital IT); run it with `fedward ship`.
 
 
 def ensure_process_pool(name: str) -> None:

@@ -3,6 +3,7 @@ the declared Prefect deployments. The stack that does run (make stack) is tested
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from pathlib import Path
 
@@ -68,8 +69,14 @@ def test_declared_deployments_point_at_real_flows_and_one_retrains_on_a_cron_sch
         path, func = d.entrypoint.split(":")
         assert (REPO / path).exists()
         module = importlib.import_module(path[:-3].replace("/", "."))
-        assert getattr(module, func).name == "federated-training"
+        assert getattr(module, func).name in ("federated-training", "privacy-sweep", "gradient-inversion-audit",
+                                              "build-site-images")
         assert (REPO / d.parameters["spec_path"]).exists()
+        # every parameter is one the flow takes, and every parameter it requires is given
+        params = inspect.signature(getattr(module, func).fn).parameters
+        assert set(d.parameters) <= set(params)
+        assert {n for n, p in params.items() if p.default is inspect.Parameter.empty} <= set(d.parameters)
+    assert {d.entrypoint.split(":")[1] for d in DEPLOYMENTS} >= {"federated_training", "privacy_sweep", "audit_flow"}
     cron = [d for d in DEPLOYMENTS if d.cron]
     assert cron and "retraining" in cron[0].name
     schedule = Cron(cron[0].cron, timezone=cron[0].timezone)
