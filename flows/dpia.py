@@ -45,6 +45,13 @@ def train_update_bytes(spec: FederationSpec) -> int:
     return sum(t["bytes"] for t in tensor_table(spec)) + train_scalars(spec) * SCALAR_BYTES
 
 
+def local_model_bytes(spec: FederationSpec) -> int:
+    """Bytes of the tensors of a site's local-only model (every tensor of the model, nothing kept back)."""
+    from sitekit.tasks import get_task
+
+    return sum(int(v.numel() * v.element_size()) for v in get_task(spec.task).build_model(seed=spec.seed).state_dict().values())
+
+
 def train_scalars(spec: FederationSpec) -> int:
     """The float32 numbers that travel with a training update."""
     p = spec.privacy
@@ -109,7 +116,9 @@ def annex_markdown(spec: FederationSpec, *, today: dt.date | None = None, audit_
           + (f"{spec.local_steps} optimiser steps" if spec.local_steps else f"{spec.local_epochs} local epoch(s)")
           + f" of {spec.algorithm}; a local-only model trained with the same budget; evaluation of every model "
           "on the site's held-out test cases;",
-          "- kept at the site: its private key (generated there, never copied), its local-only and personalised models"
+          "- kept at the site: its private key (generated there, never copied), "
+          + ("its local-only and personalised models" if spec.local_baselines == "own_site" else
+             "its personalised model (its local-only model is scored at the other sites too, see section 3)")
           + (", its normalisation layers (FedBN)" if spec.algorithm == "fedbn" else "")
           + (", its SCAFFOLD control variate" if spec.algorithm == "scaffold" else "") + ".", "",
           "**At the aggregator:** the sites' model updates are received, combined "
@@ -147,6 +156,14 @@ def annex_markdown(spec: FederationSpec, *, today: dt.date | None = None, audit_
         for site, per_round in measured.items():
             L.append(f"| {site} | " + " | ".join(f"{per_round[r]:,}" if r in per_round else "-" for r in range(spec.rounds)) + " |")
         L.append("")
+    if spec.local_baselines == "cross_site":
+        local_bytes = local_model_bytes(spec)
+        L += [f"After the rounds, each site's local-only model (trained on that site's data alone, {local_bytes:,} bytes: "
+              "every tensor of the model" + (", its normalisation layers included" if spec.algorithm == "fedbn" else "")
+              + (", **without differential privacy**" if p else "") + ") is sent to each other site, which scores it on "
+              "its own test cases: that is how the best single-site model is found (`local_baselines: cross_site`). "
+              "Each transfer is in the audit log (`local_model_shared`). With `local_baselines: own_site` (the default, "
+              "and the only choice, when differential privacy is on) it never leaves its site.", ""]
     L += ["Before the rounds each site reports only the aggregate counts of section 2; after them, one score per "
           "model. Images, labels, table rows, file names and patient identifiers never leave the site.", "",
           "## 4. Differential privacy and inversion audit", ""]
@@ -171,7 +188,7 @@ def annex_markdown(spec: FederationSpec, *, today: dt.date | None = None, audit_
           "- Site approval of the plan: " + (", ".join(f"{r['data'].get('site')} on {r['time'][:10]}" for r in approvals)
                                              if approvals else "no approval recorded for this run") + ".",
           "- Governance check before any processing and at every round boundary (section 1).",
-          "- Audit log: every plan shipped, approval, update received (site, round, size, SHA-256 of its tensors), "
+          "- Audit log: every plan shipped, approval, update received (site, round, size, SHA-256 of its tensors), local-only model shared for scoring, "
           "model registered and promotion, hash-chained (tamper-evident: `fedward audit-log verify`), kept with the run "
           "in MLflow with its final hash as a tag.", "",
           "## 6. Retention", "",

@@ -279,7 +279,8 @@ def evaluate_models(spec: FederationSpec, workspace: Path, models: dict[str, Pat
                     own: dict[str, dict[str, Path]] | None = None) -> dict[str, dict[str, float]]:
     """Every model scored on every site's held-out test cases, at the site; returns {site: {model: score}}.
 
-    ``own`` holds models a site evaluates for itself only (its personalised model), {site: {name: path}}."""
+    ``own`` holds models a site evaluates for itself only (its personalised model; its local-only model
+    under ``local_baselines: own_site``), {site: {name: path}}."""
     with Supervisor() as sup:
         jobs = []
         for s in spec.sites:
@@ -538,10 +539,18 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         audit.append("federation_finished", rounds=last_round, model_sha256=compliance.file_sha256(global_path))
         print("federation finished; training local-only baselines with the same budget ...")
         local_paths = train_local_baselines(spec, workspace, rounds_done)
-        models = {"global": global_path, **{f"local-{k}": v for k, v in local_paths.items()}}
+        models = {"global": global_path}
         if spec.simulation:
             models["pooled"] = train_pooled(spec, workspace)
-        own = personalise(spec, workspace, global_path) if spec.personalise_epochs else None
+        own = personalise(spec, workspace, global_path) if spec.personalise_epochs else {}
+        if spec.local_baselines == "cross_site":  # each site's local-only model is scored at every site
+            models.update({f"local-{k}": v for k, v in local_paths.items()})
+            for k, v in local_paths.items():
+                audit.append("local_model_shared", site=k, to_sites=[s for s in spec.site_names if s != k],
+                             bytes=v.stat().st_size, model_sha256=compliance.file_sha256(v))
+        else:  # own_site: it never leaves its site, which scores it on its own test cases only
+            for k, v in local_paths.items():
+                own.setdefault(k, {})[f"local-{k}"] = v
         champion = (promotion.fetch_champion(spec, workspace) if not exploration
                     else promotion.Champion(None, None, "not compared: " + exploration))
         if champion.path is not None:  # the current champion, scored at every site beside the new model
@@ -550,8 +559,8 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
         metric = spec.task.metric
         table = comparison_table(spec, scores)
         n_test = {n: s["test_cases"] for n, s in summaries.items()}
-        rows = gating.comparison_rows(scores, n_test)
-        decision = gating.decide(scores, n_test, rule=spec.gate,
+        rows = gating.comparison_rows(scores, n_test, spec.local_baselines)
+        decision = gating.decide(scores, n_test, rule=spec.gate, local_baselines=spec.local_baselines,
                                  candidate="personalised" if spec.personalise_epochs else "global")
         _print_table(table, metric, rows, decision)
         for site, r in table.items():

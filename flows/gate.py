@@ -5,6 +5,11 @@ alone, so the gate compares the candidate ("global", or each site's "personalise
 against every ``local-<site>`` model on every site's held-out test cases (higher is better).
 
 ``scores`` is ``{evaluated_at_site: {model_name: metric}}``; ``test_cases`` is ``{site: n}``.
+
+``local_baselines`` says where the local-only models were scored: ``cross_site`` (every
+``local-<k>`` at every site: the best single site is the best of them there) or ``own_site`` (each
+site scored only its own, which never left it, e.g. under differential privacy: the best single
+site is then the site's own local-only model, shown in one ``local-only`` column).
 """
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 RULES = ("every_site", "weighted_mean")
+LOCAL_BASELINES = ("cross_site", "own_site")
+OWN = "local-only"  # the column of each site's own local-only model under own_site
 CANDIDATES = ("global", "personalised")
 # A score equal to the threshold up to rounding counts as equal. Sites may report float32 means,
 # whose rounding (~1e-7) would otherwise turn a tie in correct answers into a refusal; no metric
@@ -74,19 +81,37 @@ def _require(scores: dict, sites: list[str], model: str) -> None:
         raise ValueError(f"missing score: model {model!r} was not evaluated on site(s) {', '.join(map(repr, missing))}")
 
 
-def comparison_rows(scores: dict[str, dict[str, float]], test_cases: dict[str, int]) -> list[dict]:
+def comparison_rows(scores: dict[str, dict[str, float]], test_cases: dict[str, int],
+                    local_baselines: str = "cross_site") -> list[dict]:
     """One row per site: its test cases, every local-only model, the best of them, global, personalised, pooled."""
+    if local_baselines not in LOCAL_BASELINES:
+        raise ValueError(f"unknown local_baselines {local_baselines!r}; choose one of {', '.join(LOCAL_BASELINES)}")
     sites = _sites(scores, test_cases)
-    locals_ = _local_models(scores, sites)
-    for model in ["global", *locals_]:
-        _require(scores, sites, model)
+    _require(scores, sites, "global")
+    if local_baselines == "own_site":
+        locals_ = []
+        for s in sites:
+            _require(scores, [s], f"local-{s}")
+            foreign = sorted(m for m in scores[s] if m.startswith("local-") and m != f"local-{s}")
+            if foreign:  # a local-only model that should never have left its site
+                raise ValueError(f"site {s!r} scored {', '.join(map(repr, foreign))}, but local_baselines is own_site: "
+                                 "no site's local-only model may be scored anywhere but at its own site")
+    else:
+        locals_ = _local_models(scores, sites)
+        for model in locals_:
+            _require(scores, sites, model)
     rows = []
     for s in sites:
         row: dict = {"site": s, "test_cases": int(test_cases[s])}
-        for m in locals_:
-            row[m] = _score(scores, s, m)
-        best = max(locals_, key=lambda m: row[m])  # first in site order on ties
-        row["best_single_site"] = row[best]
+        if local_baselines == "own_site":
+            row[OWN] = _score(scores, s, f"local-{s}")
+            best = f"local-{s}"
+            row["best_single_site"] = row[OWN]
+        else:
+            for m in locals_:
+                row[m] = _score(scores, s, m)
+            best = max(locals_, key=lambda m: row[m])  # first in site order on ties
+            row["best_single_site"] = row[best]
         row["best_single_site_model"] = best
         row["global"] = _score(scores, s, "global")
         row["personalised"] = _score(scores, s, "personalised", required=False)
@@ -109,12 +134,13 @@ def _owner(model: str) -> str:
 
 
 def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], rule: str = "every_site",
-           candidate: str = "global", tolerance: float = 0.0) -> GateDecision:
+           candidate: str = "global", tolerance: float = 0.0, local_baselines: str = "cross_site") -> GateDecision:
     """Pass the candidate only if it is at least as good as the best single-site model (minus tolerance).
 
     every_site: on every site, candidate >= the best ``local-<k>`` score there - tolerance.
     weighted_mean: the candidate's test-case-weighted mean over sites >= the highest weighted mean
-    of any one ``local-<k>`` model (the best single-site model, as one model) - tolerance.
+    of any one ``local-<k>`` model (the best single-site model, as one model) - tolerance; under
+    ``own_site``, >= the weighted mean of the sites' own local-only models (each site on its own).
     """
     if rule not in RULES:
         raise ValueError(f"unknown gate rule {rule!r}; choose one of {', '.join(RULES)}")
@@ -122,7 +148,7 @@ def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], rule
         raise ValueError(f"unknown candidate {candidate!r}; choose one of {', '.join(CANDIDATES)}")
     if isinstance(tolerance, bool) or not isinstance(tolerance, Real) or not math.isfinite(tolerance) or tolerance < 0:
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
-    rows = comparison_rows(scores, test_cases)
+    rows = comparison_rows(scores, test_cases, local_baselines)
     _require(scores, [r["site"] for r in rows], candidate)
     what = f"the {candidate} model"
     tol = f" (tolerance {tolerance:.3f})" if tolerance else ""
@@ -131,6 +157,8 @@ def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], rule
 
     def lost_at(r: dict) -> str:
         c, b = _pair(r[candidate], r["best_single_site"])
+        if local_baselines == "own_site":
+            return f"on site {r['site']!r} {what} scores {c} < {b} for the site's own local-only model"
         return (f"on site {r['site']!r} {what} scores {c} < {b} for the local-only model of "
                 f"{_owner(r['best_single_site_model'])!r} (best single site there)")
 
@@ -139,7 +167,8 @@ def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], rule
             reason = "refused: " + ", and ".join(lost_at(r) for r in losing) + tol
         else:
             worst = min(rows, key=lambda r: margins[r["site"]])
-            reason = (f"passed: on every site {what} scores at least the best single-site model{tol} "
+            bar = "the site's own local-only model" if local_baselines == "own_site" else "the best single-site model"
+            reason = (f"passed: on every site {what} scores at least {bar}{tol} "
                       f"(smallest margin {margins[worst['site']]:+.3f} on site {worst['site']!r})")
         return GateDecision(not losing, rule, candidate, reason, margins)
 
@@ -154,9 +183,10 @@ def decide(scores: dict[str, dict[str, float]], test_cases: dict[str, int], rule
     margins["weighted_mean"] = cand_mean - best_mean
     passed = cand_mean >= best_mean - tolerance - _EPS
     c, b = _pair(cand_mean, best_mean)
+    baseline = ("for the sites' own local-only models, each on its own test cases" if best == OWN else
+                f"for the local-only model of {_owner(best)!r} (the best single-site model)")
     reason = (f"{'passed' if passed else 'refused'}: weighted by test cases over {len(rows)} site(s), {what} scores "
-              f"{c} {'>=' if cand_mean >= best_mean - _EPS else '<'} {b} for the local-only model of {_owner(best)!r} "
-              f"(the best single-site model){tol}")
+              f"{c} {'>=' if cand_mean >= best_mean - _EPS else '<'} {b} {baseline}{tol}")
     if losing:
         reason += f", though it loses to the best single-site model on site(s) {', '.join(repr(r['site']) for r in losing)}"
     return GateDecision(passed, rule, candidate, reason, margins)

@@ -29,6 +29,7 @@ ALGORITHM_SETTINGS: dict[str, dict[str, float]] = {
     "fedbn": {},
 }
 GATE_RULES = ("every_site", "weighted_mean")
+LOCAL_BASELINES = ("cross_site", "own_site")
 TASK_KINDS = ("segmentation", "tabular", "classification")
 DATASETS = ("heart-disease",)  # tabular datasets with a site reader in sitekit.tabular
 LOSSES = ("dice", "dice_ce", "bce")
@@ -108,6 +109,11 @@ class FederationSpec:
     local_steps: int | None = None  # if set, each round is this many optimiser steps instead of local_epochs
     personalise_epochs: int = 0  # local fine-tuning after federation (0: none)
     gate: str = "every_site"
+    # cross_site: after the run each site's local-only model is sent to the other sites and scored on
+    # their test cases (the "best single site" of FLamby); own_site: it never leaves its site and is
+    # scored there only. own_site is the default, and the only choice, under differential privacy:
+    # the local-only model is trained without it.
+    local_baselines: str = "cross_site"
     simulation: bool = False  # all sites' data on this machine: the pooled baseline can be trained
     privacy: "PrivacySpec | None" = None  # differential privacy (see the privacy section below)
 
@@ -146,7 +152,7 @@ _TOP = {
     "name": True, "task": True, "sites": True, "rounds": True, "local_epochs": False,
     "batch_size": True, "learning_rate": True, "algorithm": False, "aggregator": False,
     "tls": False, "seed": False, "timeouts": False, "local_steps": False, "personalise": False, "gate": False,
-    "simulation": False, "privacy": False,
+    "local_baselines": False, "simulation": False, "privacy": False,
 }
 _TASK = {"model": True, "kind": False, "dataset": False, "loss": False, "metric": False, "input_size": False,
          "preprocessing": False, "standardise": False}
@@ -435,6 +441,12 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
     if not isinstance(simulation, bool):
         raise r.fail("simulation", f"must be true or false, got {simulation!r}.")
     privacy = _privacy(r, top["privacy"], task, algorithm) if top.get("privacy") is not None else None
+    local_baselines = r.choice(top.get("local_baselines", "own_site" if privacy else "cross_site"), "local_baselines",
+                               LOCAL_BASELINES)
+    if privacy and local_baselines == "cross_site":
+        raise r.fail("local_baselines", "is cross_site, which would send each site's local-only model, trained without "
+                     "differential privacy, to the other sites and void the privacy guarantee; use own_site (the default "
+                     "when privacy is on) or leave it out.")
 
     return FederationSpec(
         path=path.resolve(),
@@ -450,6 +462,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
         local_steps=local_steps,
         personalise_epochs=personalise,
         gate=r.choice(top.get("gate", "every_site"), "gate", GATE_RULES),
+        local_baselines=local_baselines,
         simulation=simulation,
         privacy=privacy,
         aggregator=agg,

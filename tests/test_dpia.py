@@ -113,3 +113,16 @@ def test_annex_of_a_dp_federation_states_the_enforced_target_before_any_run():
 def test_annex_without_dp_says_none_and_names_the_residual_risk(heart_spec):
     section = dpia.annex_markdown(heart_spec).split("## 4.")[1].split("## 5.")[0]
     assert "Differential privacy: **none**" in section and "residual risk" in section
+
+
+def test_annex_says_where_the_local_only_models_go(heart_spec, ixi_spec):
+    import dataclasses
+
+    shared = dpia.annex_markdown(heart_spec)  # local_baselines: cross_site, the default without DP
+    assert heart_spec.local_baselines == "cross_site"
+    assert "each site's local-only model (trained on that site's data alone, 56 bytes" in shared  # logreg: 13 + 1 float32
+    assert "is sent to each other site" in shared and "its local-only and personalised models" not in shared
+    home = dpia.annex_markdown(dataclasses.replace(heart_spec, local_baselines="own_site"))
+    assert "is sent to each other site" not in home and "its local-only and personalised models" in home
+    unet = get_task(ixi_spec.task).build_model(seed=0)
+    assert dpia.local_model_bytes(ixi_spec) == sum(v.numel() * v.element_size() for v in unet.state_dict().values())

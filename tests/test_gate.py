@@ -227,3 +227,50 @@ def test_a_tie_in_correct_answers_passes_despite_float32_rounding():
     # one correct answer fewer is still a refusal
     scores["a"]["global"] = f(79, 104)
     assert not decide(scores, {"a": 104, "b": 91}, rule="weighted_mean").passed
+
+
+# --------------------------------------------------------------------------- own_site: local models never leave their site
+
+def own_only(global_: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Each site scored only its own local-only model (the cross-site scores of scores_where dropped)."""
+    full = scores_where(global_)
+    return {s: {"global": full[s]["global"], f"local-{s}": full[s][f"local-{s}"]} for s in SITES}
+
+
+def test_own_site_compares_each_site_with_its_own_local_model():
+    # at hospital-b this global model loses to local-c (0.941) but beats hospital-b's own model (0.930)
+    beats_own = {**GOOD, "hospital-b": 0.935}
+    assert not decide(scores_where(beats_own), CASES).passed
+    d = decide(own_only(beats_own), CASES, local_baselines="own_site")
+    assert d.passed and d.reason.startswith("passed: on every site the global model scores at least the site's own")
+    assert d.margins["hospital-b"] == pytest.approx(0.935 - 0.930)
+    rows = comparison_rows(own_only(beats_own), CASES, "own_site")
+    assert [r["best_single_site_model"] for r in rows] == [f"local-{s}" for s in SITES]
+    assert [r["local-only"] for r in rows] == [0.930, 0.930, 0.950]
+    lost = decide(own_only({**GOOD, "hospital-c": 0.949}), CASES, local_baselines="own_site")
+    assert lost.reason == "refused: on site 'hospital-c' the global model scores 0.949 < 0.950 for the site's own local-only model"
+
+
+def test_own_site_weighted_mean_is_against_the_sites_own_models_together():
+    scores = own_only({"hospital-a": 0.92, "hospital-b": 0.95, "hospital-c": 0.95})
+    own_mean = (0.930 * 20 + 0.930 * 10 + 0.950 * 30) / 60
+    d = decide(scores, CASES, rule="weighted_mean", local_baselines="own_site")
+    assert d.margins["weighted_mean"] == pytest.approx((0.92 * 20 + 0.95 * 10 + 0.95 * 30) / 60 - own_mean)
+    assert d.passed is (d.margins["weighted_mean"] >= 0) and "the sites' own local-only models" in d.reason
+    # the same columns render: one local-only column, no empty cells for models that were never shared
+    text = table_markdown(comparison_rows(scores, CASES, "own_site"), d)
+    assert "| local-only |" in text and "local-hospital-b |" not in text.splitlines()[0]
+    assert table_csv(comparison_rows(scores, CASES, "own_site")).splitlines()[0].split(",")[2] == "local-only"
+
+
+def test_own_site_refuses_a_local_model_scored_away_from_home_and_a_missing_own_one():
+    leaked = own_only(GOOD)
+    leaked["hospital-b"]["local-hospital-a"] = 0.9
+    with pytest.raises(ValueError, match="site 'hospital-b' scored 'local-hospital-a', but local_baselines is own_site"):
+        decide(leaked, CASES, local_baselines="own_site")
+    missing = own_only(GOOD)
+    del missing["hospital-c"]["local-hospital-c"]
+    with pytest.raises(ValueError, match="model 'local-hospital-c' was not evaluated on site\\(s\\) 'hospital-c'"):
+        comparison_rows(missing, CASES, "own_site")
+    with pytest.raises(ValueError, match="unknown local_baselines 'nowhere'"):
+        comparison_rows(own_only(GOOD), CASES, "nowhere")

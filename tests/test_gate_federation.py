@@ -94,3 +94,27 @@ def test_gate_accepts_a_global_model_better_than_the_best_single_site(tmp_path, 
     version = _version(summary)
     assert version.tags["fedward.gate"] == "passed"
     assert "candidate" in MlflowClient().get_model_version(version.name, version.version).aliases
+
+
+def test_cross_site_scoring_records_every_local_model_that_left_its_site(tmp_path, prefect_server, mlflow_server):
+    """Without DP the local-only models are scored at every site (local_baselines: cross_site, the
+    default); each transfer is an audit record with the file's bytes and hash, and the DPIA annex
+    of the run says so instead of claiming the local model stayed home."""
+    import hashlib
+    import json
+
+    summary = federated_training(str(_spec(tmp_path, "gate-cross", HEART / "processed.hungarian.data", "every_site")),
+                                 workdir=str(tmp_path / "runs"))
+    ws = Path(summary["workspace"])
+    assert set(summary["scores"]["cleveland"]) >= {"local-cleveland", "local-hungary"}
+    records = [json.loads(x) for x in (ws / "aggregator" / "audit.jsonl").read_text().splitlines()]
+    shared = {r["data"]["site"]: r["data"] for r in records if r["kind"] == "local_model_shared"}
+    assert set(shared) == {"cleveland", "hungary"}
+    for site, other in (("cleveland", "hungary"), ("hungary", "cleveland")):
+        model = ws / "sites" / site / "local" / "model.pt"
+        assert shared[site]["to_sites"] == [other]
+        assert shared[site]["bytes"] == model.stat().st_size
+        assert shared[site]["model_sha256"] == hashlib.sha256(model.read_bytes()).hexdigest()
+    annex = MlflowClient().download_artifacts(summary["mlflow_run_id"], "dpia/annex.md", str(tmp_path))
+    text = Path(annex).read_text()
+    assert "local-only model (trained on that site's data alone" in text and "is sent to each other site" in text

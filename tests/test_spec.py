@@ -145,3 +145,23 @@ def test_heart_disease_spec_is_valid(monkeypatch):
     spec = load_spec(REPO / "federations" / "heart-disease.yaml")
     assert spec.task.kind == "tabular" and spec.task.standardise == "federated" and spec.simulation
     assert [s.data for s in spec.sites][0] == Path("/data/heart-disease/processed.cleveland.data")
+
+
+def test_local_baselines_are_shared_without_dp_and_stay_home_with_it(tmp_path):
+    spec = base(tmp_path)
+    assert load_spec(write(tmp_path, spec)).local_baselines == "cross_site"
+    spec["local_baselines"] = "own_site"
+    assert load_spec(write(tmp_path, spec)).local_baselines == "own_site"
+    spec.pop("local_baselines")
+    spec["task"]["model"]["norm"] = "instance"
+    spec["privacy"] = {"mode": "dp-sgd", "noise_multiplier": 1.0}
+    assert load_spec(write(tmp_path, spec)).local_baselines == "own_site"  # the default under DP
+    spec["local_baselines"] = "cross_site"
+    path = write(tmp_path, spec)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: field 'local_baselines' is cross_site")
+    assert "without differential privacy" in str(err.value) and "use own_site" in str(err.value)
+    spec["local_baselines"] = "everywhere"
+    with pytest.raises(SpecError, match="field 'local_baselines'.*cross_site, own_site"):
+        load_spec(write(tmp_path, spec))

@@ -169,6 +169,26 @@ def _wait(tail: EventTail, seen: list[dict], predicate, procs, timeout: float) -
     raise AssertionError(f"event not seen within {timeout} s; seen: {[e['event'] for e in seen]}")
 
 
+def test_under_dp_no_local_only_model_leaves_its_site(stopped_run):
+    """The local-only baselines are trained without DP, so under DP each one is scored only at its own
+    site (local_baselines: own_site): no site holds or scores another site's local model, nothing is
+    recorded as shared, the gate compares each site with its own, and the annex says they stay home."""
+    s = stopped_run["summary"]
+    ws = Path(s["workspace"])
+    assert stopped_run["spec"].local_baselines == "own_site"
+    for site in STOP_SITES:
+        locals_ = {m for m in s["scores"][site] if m.startswith("local-")}
+        assert locals_ == {f"local-{site}"}
+        held = {p.name for p in (ws / "sites" / site / "models").iterdir()}
+        assert not any(n.startswith("local-") and n != f"local-{site}.pt" for n in held), held
+        assert s["sites"][site]["best_single_site_model"] == site
+        assert s["gate"]["margins"][site] == pytest.approx(s["scores"][site]["global"] - s["scores"][site][f"local-{site}"])
+    records = [json.loads(line) for line in (ws / "aggregator" / "audit.jsonl").read_text().splitlines()]
+    assert not [r for r in records if r["kind"] == "local_model_shared"]
+    text = Path(MlflowClient().download_artifacts(s["mlflow_run_id"], "dpia/annex.md", str(stopped_run["tmp"]))).read_text()
+    assert "its local-only and personalised models" in text and "is sent to each other site" not in text
+
+
 def test_collaborator_restart_keeps_the_spent_epsilon(pneumonia_pool, tmp_path):
     """hospital-c is killed (SIGKILL) as round 2 is handed to it and started again in its folder.
     Its round-2 ε must be two rounds' worth: a reset accountant would report one round's."""
