@@ -95,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedward: {exc}", file=sys.stderr)
             return 2
         out = Path(args.out) if args.out else Path(".fedward") / "dpia" / f"{spec.name}-annex.md"
+        blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        problem = (f"--out {out} is a folder; give the Markdown file to write, e.g. {out / (spec.name + '-annex.md')}"
+                   if out.is_dir() else
+                   f"--out {out} must be a Markdown file ending in .md (the PDF is written beside it)" if out.suffix.lower() != ".md"
+                   else f"--out {out} cannot be written: {blocked} is a file, not a folder" if blocked else None)
+        if problem:
+            print(f"fedward: {problem}.", file=sys.stderr)
+            return 2
         for path in write_annex(annex_markdown(spec), out, pdf=not args.no_pdf):
             print(path)
         return 0
@@ -128,8 +136,18 @@ def main(argv: list[str] | None = None) -> int:
         except (SpecError, governance.GovernanceError) as exc:
             print(f"fedward: {exc}", file=sys.stderr)
             return 2
+        bad = [c for c in args.csr if "=" not in c or not all(c.split("=", 1))]
+        if bad:
+            print(f"fedward: --csr {bad[0]!r} must be SITE=PATH, e.g. --csr hospital-a=requests/col_hospital-a.csr.", file=sys.stderr)
+            return 2
         csrs = dict(c.split("=", 1) for c in args.csr)
-        images = json.loads(Path(args.images).read_text()) if args.images else None
+        try:
+            images = json.loads(Path(args.images).read_text()) if args.images else None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "not JSON"
+            print(f"fedward: --images {args.images} cannot be read ({why}); pass the images.json 'fedward build-images' "
+                  "wrote, or leave --images out.", file=sys.stderr)
+            return 2
         result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)
         for site, s in result["sites"].items():
             print(f"{site}: fingerprint {s['fingerprint']}  ({s['object']})")

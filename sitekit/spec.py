@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from sitekit import yamlio
 from sitekit.governance import SiteGovernance, parse_site_governance
 
 ALGORITHMS = ("fedavg", "fedprox", "scaffold", "fedadam", "fedyogi", "fedbn")
@@ -245,7 +246,7 @@ def load_spec(path: str | Path) -> FederationSpec:
         # never echo the bytes: a wrong path can point at patient data
         raise SpecError(f"{path}: the federation spec is not UTF-8 text; save it as UTF-8 YAML (is this the right file?).") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yamlio.load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
@@ -261,7 +262,7 @@ def parse_spec(raw: Any, path: Path) -> FederationSpec:
     base = path.resolve().parent
 
     name = top["name"]
-    if not isinstance(name, str) or not FEDERATION_NAME.match(name):
+    if not isinstance(name, str) or not FEDERATION_NAME.fullmatch(name):
         raise r.fail("name", f"must be 2-40 lowercase letters, digits or '-', starting with a letter, got {name!r}.")
 
     task_raw = r.mapping(top["task"], "task", _TASK)
@@ -331,6 +332,8 @@ def _segmentation_task(r: "_Reader", task_raw: dict) -> TaskSpec:
         res_units=r.integer(model_raw.get("res_units", 1), "task.model.res_units", 0, 4),
         norm=r.choice(model_raw.get("norm", "instance"), "task.model.norm", NORMS),
     )
+    if max(model.channels) > 512:  # a 3D UNet wider than this cannot train on a site's CPU or GPU
+        raise r.fail("task.model.channels", f"must be at most 512 per level, got {list(model.channels)}.")
     if len(model.strides) != len(model.channels) - 1:
         raise r.fail("task.model.strides", f"must have one entry fewer than task.model.channels ({len(model.channels) - 1}), got {len(model.strides)}.")
     pre = r.mapping(task_raw.get("preprocessing", {}) or {}, "task.preprocessing", _PRE)
@@ -386,7 +389,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
     for i, s in enumerate(sites_raw):
         s = r.mapping(s, f"sites[{i}]", _SITE)
         sname = s["name"]
-        if not isinstance(sname, str) or not SITE_NAME.match(sname):
+        if not isinstance(sname, str) or not SITE_NAME.fullmatch(sname):
             raise r.fail(f"sites[{i}].name", f"must be 2-40 lowercase letters, digits or '-', starting with a letter, got {sname!r}.")
         if sname in seen_names:
             raise r.fail(f"sites[{i}].name", f"repeats site '{sname}' (also sites[{seen_names[sname]}]); every site needs its own name.")
@@ -407,7 +410,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
 
     agg_raw = r.mapping(top.get("aggregator", {}) or {}, "aggregator", _AGG)
     host = agg_raw.get("host", "localhost")
-    if not isinstance(host, str) or not re.match(r"^[A-Za-z0-9.-]+$", host):
+    if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", host):
         raise r.fail("aggregator.host", f"must be a DNS name (the aggregator certificate carries it), got {host!r}.")
     if _is_ip_address(host):
         raise r.fail("aggregator.host", f"must be a DNS name, not an IP address ({host}): the aggregator's certificate "
@@ -440,6 +443,9 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
     simulation = top.get("simulation", False)
     if not isinstance(simulation, bool):
         raise r.fail("simulation", f"must be true or false, got {simulation!r}.")
+    if "privacy" in top and top["privacy"] is None:  # e.g. every line under it commented out: never silently no DP
+        raise r.fail("privacy", "is empty; give privacy.mode (dp-sgd or client-dp) and its settings, or remove the "
+                     "privacy key to train without differential privacy.")
     privacy = _privacy(r, top["privacy"], task, algorithm) if top.get("privacy") is not None else None
     local_baselines = r.choice(top.get("local_baselines", "own_site" if privacy else "cross_site"), "local_baselines",
                                LOCAL_BASELINES)

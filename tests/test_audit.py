@@ -163,3 +163,52 @@ def test_missing_file(tmp_path):
     result = verify(tmp_path / "nope.jsonl")
     assert not result.ok and "cannot be read" in result.problems[0]
     assert cli(str(tmp_path / "nope.jsonl")).returncode == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("hash", [1, 2]),            # once: TypeError, unhashable list
+    ("prev", {"a": 1}),          # once: TypeError, unhashable dict
+    ("seq", float("inf")),       # once: OverflowError
+    ("seq", 2.0),
+    ("seq", True),
+    ("kind", 7),
+])
+def test_a_record_field_of_the_wrong_type_is_a_damaged_record_not_a_crash(tmp_path, field, value):
+    log = make_log(tmp_path)
+    lines = log.path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec[field] = value
+    rewrite(log, [lines[0], json.dumps(rec), *lines[2:]])
+    result = verify(log.path)
+    assert not result.ok and result.problems[0] == "line 2: not a valid audit record (edited or damaged)"
+    assert cli(str(log.path)).returncode == 1
+
+
+def test_a_huge_seq_is_reported_without_walking_the_gap(tmp_path):
+    # once: a list comprehension over the gap; seq 10**12 never finished
+    log = make_log(tmp_path)
+    lines = log.path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["seq"] = 10**12
+    rewrite(log, [lines[0], json.dumps(rec), *lines[2:]])
+    result = verify(log.path)
+    assert not result.ok
+    assert "line 2 (seq 1000000000000, update_received): seq 2-999999999999 missing before it" in result.problems[1]
+
+
+def test_an_empty_log_fails(tmp_path):
+    empty = tmp_path / "audit.jsonl"
+    empty.write_bytes(b"")
+    result = verify(empty)
+    assert not result.ok and "holds no audit records" in result.problems[0]
+    assert cli(str(empty)).returncode == 1
+
+
+def test_control_codes_in_a_kind_never_reach_the_terminal(tmp_path):
+    log = make_log(tmp_path)
+    lines = log.path.read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["kind"] = "\x1b[2Jgone"
+    rewrite(log, [lines[0], json.dumps(rec), *lines[2:]])
+    out = cli(str(log.path))
+    assert out.returncode == 1 and "\x1b" not in out.stdout + out.stderr and "?[2Jgone" in out.stdout + out.stderr

@@ -177,3 +177,67 @@ def test_layout_matches_the_engine():
 
     assert engine.participant_layout(Path("x"), "site", "s")["cert"].as_posix() == "x/" + B.site_cert_path("s")
     assert engine.PLAN.as_posix() == B.PLAN and engine.COLS.as_posix() == B.COLS
+
+
+def test_keygen_never_replaces_a_sites_key(tmp_path, capsys):
+    # once: a second keygen silently replaced the key whose request the federation had already signed
+    home = tmp_path / "hospital-a"
+    assert sitekit_main(["keygen", "--workspace", str(home), "--role", "site", "--name", "hospital-a"]) == 0
+    key = participant_layout(home, "site", "hospital-a")["key"]
+    before = key.read_bytes()
+    assert sitekit_main(["keygen", "--workspace", str(home), "--role", "site", "--name", "hospital-a"]) == 2
+    err = capsys.readouterr().err
+    assert "a private key already exists at" in err and str(key) in err and "never replaces" in err
+    assert key.read_bytes() == before
+
+
+@pytest.mark.parametrize("role, name, words", [
+    ("site", "../../../../escaped", "is not a site name"),
+    ("site", "Hospital A", "is not a site name"),
+    ("aggregator", "bad host!", "is not a DNS name"),
+])
+def test_keygen_refuses_names_that_are_not_names(tmp_path, capsys, role, name, words):
+    # once: '../../escaped' wrote escaped.key outside the site's folder
+    home = tmp_path / "a" / "b" / "home"
+    assert sitekit_main(["keygen", "--workspace", str(home), "--role", role, "--name", name]) == 2
+    assert words in capsys.readouterr().err
+    assert not any(p.suffix in (".key", ".csr") for p in tmp_path.rglob("*"))
+
+
+def test_keygen_into_a_file_is_refused(tmp_path, capsys):
+    f = tmp_path / "notes.txt"
+    f.write_text("x")
+    assert sitekit_main(["keygen", "--workspace", str(f), "--role", "site", "--name", "hospital-a"]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and f.read_text() == "x"
+
+
+def test_settings_of_the_wrong_type_and_mixed_unknown_keys(tmp_path):
+    (tmp_path / "data.yaml").write_text("site: hospital-a\ndata: [1]\n")
+    with pytest.raises(H.SiteError, match=r"data.yaml: field 'data' must be text \(a folder path\), got a list"):
+        H.load_settings(tmp_path)
+    # once: sorting the unknown keys 'foo' and 2 raised TypeError
+    (tmp_path / "data.yaml").write_text("site: hospital-a\ndata: /x\nfoo: 1\n2: x\n")
+    with pytest.raises(H.SiteError, match=r"data.yaml: field '(2|foo)' is not a known field"):
+        H.load_settings(tmp_path)
+    (tmp_path / "data.yaml").write_text("site: hospital-a\ndata: /x\ndata: /y\n")
+    with pytest.raises(H.SiteError, match=r"data.yaml is not valid YAML at line 3 \(key 'data' is given twice"):
+        H.load_settings(tmp_path)
+
+
+def test_preflight_needs_an_existing_site_folder(tmp_path, capsys):
+    # once: a mistyped --home was created and the report written there; a file gave a traceback
+    missing = tmp_path / "hospitl-a"
+    assert sitekit_main(["preflight", "--home", str(missing)]) == 2
+    assert "does not exist" in capsys.readouterr().err and not missing.exists()
+    f = tmp_path / "file"
+    f.write_text("")
+    assert sitekit_main(["preflight", "--home", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_preflight_without_a_bundle_does_not_claim_an_allow_list_request(tmp_path, capsys):
+    home = tmp_path / "hospital-a"
+    home.mkdir()
+    assert sitekit_main(["preflight", "--home", str(home)]) == 1
+    out = capsys.readouterr().out
+    assert "no allow-list request written this time" in out and not (home / "preflight" / "allow-list-request.txt").exists()

@@ -117,3 +117,33 @@ def test_diverging_training_stops_with_advice(sites):
     data = SiteVolumes("hospital-a", sites["hospital-a"], "test", (32, 32, 32))
     with pytest.raises(FloatingPointError, match="lower 'learning_rate'"):
         train_round(model, iter(lambda: make_loader(data, 1, shuffle=False), None), opt, build_loss(task), epochs=2)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+def test_a_header_claiming_a_huge_volume_is_refused_before_any_voxel_is_read(sites, suffix):
+    # once: a 352-byte file whose header said 2000^3 float32 made the site allocate 32 GB
+    img = first(sites["hospital-b"], "imagesTr")
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape((2000, 2000, 2000))
+    hdr.set_data_dtype(np.float32)
+    bogus = nib.Nifti1Image(np.zeros((1, 1, 1), np.float32), np.eye(4), header=hdr)
+    bogus.header.set_data_shape((2000, 2000, 2000))
+    raw = bogus.header.binaryblock + b"\0" * 4  # the header and its extension flag, no voxels
+    img.unlink()
+    target = img.with_name(img.name.replace(".nii.gz", suffix))
+    target.write_bytes(gzip.compress(raw) if suffix == ".nii.gz" else raw)
+    with pytest.raises(DataError) as err:
+        inspect_site("hospital-b", sites["hospital-b"])
+    msg = str(err.value)
+    assert "site 'hospital-b'" in msg and str(target) in msg and "2000 x 2000 x 2000" in msg and "field 'dim'" in msg
+
+
+def test_an_uncompressed_file_shorter_than_its_header_says_is_truncated(sites):
+    img = first(sites["hospital-b"], "imagesTs")
+    src = nib.load(str(img))
+    plain = img.with_name(img.name.replace(".nii.gz", ".nii"))
+    nib.save(nib.Nifti1Image(np.asarray(src.dataobj), src.affine), str(plain))
+    img.unlink()
+    plain.write_bytes(plain.read_bytes()[:100_000])
+    with pytest.raises(DataError, match=r"is 100,000 bytes but its header \(field 'dim'\) needs"):
+        inspect_site("hospital-b", sites["hospital-b"])

@@ -126,3 +126,36 @@ def test_annex_says_where_the_local_only_models_go(heart_spec, ixi_spec):
     assert "is sent to each other site" not in home and "its local-only and personalised models" in home
     unet = get_task(ixi_spec.task).build_model(seed=0)
     assert dpia.local_model_bytes(ixi_spec) == sum(v.numel() * v.element_size() for v in unet.state_dict().values())
+
+
+def test_annex_flags_an_expired_or_post_dated_agreement(heart_spec):
+    import datetime as dt
+
+    g = heart_spec.sites[0].governance
+    expired = dataclasses.replace(g, dpa=dataclasses.replace(g.dpa, valid_until=dt.date(2021, 1, 1), date=dt.date(2020, 1, 1)))
+    future = dataclasses.replace(g, dpia=dataclasses.replace(g.dpia, date=dt.date(2031, 1, 1)))
+    spec = dataclasses.replace(heart_spec, sites=(dataclasses.replace(heart_spec.sites[0], governance=expired),
+                                                  dataclasses.replace(heart_spec.sites[1], governance=future),
+                                                  *heart_spec.sites[2:]))
+    text = dpia.annex_markdown(spec, today=dt.date(2026, 12, 4))
+    row = {line.split(" | ")[0].strip("| "): line for line in text.splitlines() if line.startswith("| ")}
+    assert "valid until 2021-01-01 (**expired**)" in row["cleveland"]
+    assert f"{g.dpia.reference.replace('cleveland', 'hungary')} of 2031-01-01 (**dated in the future**)" in row["hungary"]
+    assert "**expired**" not in row["switzerland"] and "**dated in the future**" not in row["switzerland"]
+
+
+@pytest.mark.parametrize("out, words", [
+    ("annex.pdf", "must be a Markdown file ending in .md"),
+    ("folder", "is a folder; give the Markdown file to write"),
+    ("afile/annex.md", "cannot be written: "),
+])
+def test_cli_refuses_an_out_path_it_cannot_write(tmp_path, capsys, out, words):
+    # once: a .pdf --out was overwritten by the PDF; a folder left 'folder.tmp' behind after a traceback
+    from flows.cli import main
+
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "afile").write_text("keep me")
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    assert main(["dpia-annex", str(REPO / "federations" / "ixi-brain.yaml"), "--out", str(tmp_path / out)]) == 2
+    assert words in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before and (tmp_path / "afile").read_text() == "keep me"

@@ -275,3 +275,16 @@ def test_ship_plan_refuses_before_any_bundle_is_made(tmp_path, prefect_server, m
         ship_plan(str(write(tmp_path, spec)), {"cleveland": "x.csr", "hungary": "y.csr"}, None,
                   s3_endpoint="http://127.0.0.1:9", workdir=str(tmp_path / "federation"))
     assert not (tmp_path / "federation").exists()  # no CA, no aggregator folder, no bundle, nothing uploaded
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--csr", "hospital-a"], "--csr 'hospital-a' must be SITE=PATH"),
+    (["--csr", "hospital-a=x.csr", "--images", "/nonexistent/images.json"], "--images /nonexistent/images.json cannot be read"),
+])
+def test_ship_refuses_bad_arguments_in_one_sentence(tmp_path, capsys, extra, words):
+    # once: both were tracebacks (ValueError from dict(), FileNotFoundError)
+    from flows.cli import main
+
+    assert main(["ship", str(REPO / "federations" / "ixi-brain.yaml"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err

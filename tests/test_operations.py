@@ -307,7 +307,9 @@ def test_audit_log_and_dpia_annex_are_artifacts_on_s3(stack, scheduled):
     recs = [json.loads(line) for line in local.read_text().splitlines()]
     kinds = [r["kind"] for r in recs]
     assert kinds[0] == "federation_checked" and kinds[1:3] == ["plan_shipped", "plan_shipped"]
-    assert kinds[-3:] == ["federation_finished", "model_registered", "promotion"]
+    # after the rounds: each site's local-only model scored at the other site (no DP here: cross_site), then the model
+    assert kinds[-5:] == ["federation_finished", "local_model_shared", "local_model_shared", "model_registered", "promotion"]
+    assert {r["data"]["site"] for r in recs[-4:-2]} == set(SITES)
     assert recs[0]["data"]["sites"]["hungary"]["dpa"]["reference"] == "TEST-DPA-hungary"
     assert {r["data"]["site"] for r in recs if r["kind"] == "plan_shipped"} == set(SITES)
     updates = [r["data"] for r in recs if r["kind"] == "update_received"]

@@ -165,3 +165,57 @@ def test_local_baselines_are_shared_without_dp_and_stay_home_with_it(tmp_path):
     spec["local_baselines"] = "everywhere"
     with pytest.raises(SpecError, match="field 'local_baselines'.*cross_site, own_site"):
         load_spec(write(tmp_path, spec))
+
+
+def test_an_empty_privacy_key_is_refused_not_read_as_no_privacy(tmp_path):
+    # once: every line under privacy: commented out gave privacy=None, i.e. a run without DP
+    path = write(tmp_path, "\n".join(yaml.safe_dump(base(tmp_path)).splitlines() + ["privacy:", "#  mode: dp-sgd"]) + "\n")
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert str(err.value).startswith(f"{path}: field 'privacy' is empty") and "remove the privacy key" in str(err.value)
+
+
+def test_a_key_given_twice_is_refused_at_its_line(tmp_path):
+    # once: the last 'rounds' silently won
+    text = yaml.safe_dump(base(tmp_path), sort_keys=False) + "rounds: 7\n"
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    line = text.splitlines().index("rounds: 7") + 1
+    assert f"not valid YAML at line {line}" in str(err.value) and "key 'rounds' is given twice" in str(err.value)
+
+
+@pytest.mark.parametrize("date", ["2026-02-30", "2026-13-01"])
+def test_an_impossible_unquoted_date_names_its_field(tmp_path, date):
+    # once: PyYAML turned it into a ValueError while parsing and the CLI printed a traceback
+    from conftest import site_governance
+
+    spec = base(tmp_path)
+    for s in spec["sites"]:
+        s["governance"] = site_governance(s["name"])
+    text = yaml.safe_dump(spec, sort_keys=False).replace("date: '2026-01-15'", f"date: {date}", 1)
+    text = text.replace("date: 2026-01-15", f"date: {date}", 1)
+    assert f"date: {date}" in text
+    path = write(tmp_path, text)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    assert f"field 'sites[0].governance.dpa.date' must be a date written YYYY-MM-DD, got '{date}'" in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["name", "site"])
+def test_a_name_with_a_trailing_newline_is_refused(tmp_path, where):
+    # once: '$' matched before the newline and the annex was written to a file named 'demo\n-annex.md'
+    spec = base(tmp_path)
+    if where == "name":
+        spec["name"] = "demo\n"
+    else:
+        spec["sites"][0]["name"] = "site-a\n"
+    with pytest.raises(SpecError, match="field '(name|sites\\[0\\].name)'"):
+        load_spec(write(tmp_path, spec))
+
+
+def test_unet_channels_have_an_upper_bound(tmp_path):
+    spec = base(tmp_path)
+    spec["task"]["model"]["channels"] = [100000, 200000, 300000, 400000]
+    with pytest.raises(SpecError, match=r"field 'task.model.channels' must be at most 512 per level"):
+        load_spec(write(tmp_path, spec))
