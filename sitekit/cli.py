@@ -35,6 +35,8 @@ def cmd_check_data(args) -> int:
         task = TaskSpec(model=ModelSpec(name="cnn2d"), kind="classification", metric="auc", loss="bce")
     else:
         task = TaskSpec(model=ModelSpec())
+    if not args.data.strip():  # Path('') is the current folder: never scan whatever folder IT happens to be in
+        raise DataError(f"site '{args.site}': --data is empty; give the site's data folder.")
     t = get_task(task)
     out = t.inspect(args.site, Path(args.data))
     if args.feature_sums:  # the site's share of a federated standardisation (aggregates only)
@@ -45,18 +47,17 @@ def cmd_check_data(args) -> int:
 
 def cmd_keygen(args) -> int:
     import datetime as dt
-    import re
 
     from sitekit.layout import participant_layout  # not the engine: keygen runs on the slim image too
     from sitekit.pki import make_key_and_request
     from sitekit.sitehome import SiteError
-    from sitekit.spec import SITE_NAME
+    from sitekit.spec import DNS_NAME, SITE_NAME
 
     name, folder = args.name, Path(args.workspace)
     if args.role == "site" and not SITE_NAME.fullmatch(name):
         raise SiteError(f"--name {name!r} is not a site name: use the name the federation spec gives this site "
                         "(lower-case letters, digits and '-', 2-40 characters).")
-    if args.role == "aggregator" and not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", name):
+    if args.role == "aggregator" and not DNS_NAME.fullmatch(name):
         raise SiteError(f"--name {name!r} is not a DNS name: give the host name the sites dial (e.g. aggregator.example.org).")
     if folder.exists() and not folder.is_dir():
         raise SiteError(f"--workspace {folder} is a file, not a folder: give this participant's own folder.")

@@ -41,6 +41,7 @@ NORMALISATIONS = ("zscore",)
 LABELS = ("foreground",)  # brain mask = label > 0
 SITE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,38}[a-z0-9]$")
 FEDERATION_NAME = SITE_NAME
+DNS_NAME = re.compile(r"[A-Za-z0-9.-]+")  # the aggregator's host (fullmatch); IP addresses are refused separately
 
 
 class SpecError(ValueError):
@@ -410,7 +411,7 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
 
     agg_raw = r.mapping(top.get("aggregator", {}) or {}, "aggregator", _AGG)
     host = agg_raw.get("host", "localhost")
-    if not isinstance(host, str) or not re.fullmatch(r"[A-Za-z0-9.-]+", host):
+    if not isinstance(host, str) or not DNS_NAME.fullmatch(host):
         raise r.fail("aggregator.host", f"must be a DNS name (the aggregator certificate carries it), got {host!r}.")
     if _is_ip_address(host):
         raise r.fail("aggregator.host", f"must be a DNS name, not an IP address ({host}): the aggregator's certificate "
@@ -447,8 +448,8 @@ def _rest(r: "_Reader", top: dict, path: Path, task: TaskSpec) -> FederationSpec
         raise r.fail("privacy", "is empty; give privacy.mode (dp-sgd or client-dp) and its settings, or remove the "
                      "privacy key to train without differential privacy.")
     privacy = _privacy(r, top["privacy"], task, algorithm) if top.get("privacy") is not None else None
-    local_baselines = r.choice(top.get("local_baselines", "own_site" if privacy else "cross_site"), "local_baselines",
-                               LOCAL_BASELINES)
+    local_baselines = r.choice(top.get("local_baselines") or ("own_site" if privacy else "cross_site"), "local_baselines",
+                               LOCAL_BASELINES)  # left empty: the default
     if privacy and local_baselines == "cross_site":
         raise r.fail("local_baselines", "is cross_site, which would send each site's local-only model, trained without "
                      "differential privacy, to the other sites and void the privacy guarantee; use own_site (the default "

@@ -241,3 +241,10 @@ def test_preflight_without_a_bundle_does_not_claim_an_allow_list_request(tmp_pat
     assert sitekit_main(["preflight", "--home", str(home)]) == 1
     out = capsys.readouterr().out
     assert "no allow-list request written this time" in out and not (home / "preflight" / "allow-list-request.txt").exists()
+
+
+def test_check_data_with_an_empty_data_path_does_not_scan_the_current_folder(tmp_path, capsys, monkeypatch):
+    # once: Path('') is '.', so the check read whatever folder it was started in
+    monkeypatch.chdir(tmp_path)
+    assert sitekit_main(["check-data", "--site", "hospital-a", "--data", ""]) == 3
+    assert "site 'hospital-a': --data is empty" in capsys.readouterr().err

@@ -156,6 +156,8 @@ def test_local_baselines_are_shared_without_dp_and_stay_home_with_it(tmp_path):
     spec["task"]["model"]["norm"] = "instance"
     spec["privacy"] = {"mode": "dp-sgd", "noise_multiplier": 1.0}
     assert load_spec(write(tmp_path, spec)).local_baselines == "own_site"  # the default under DP
+    spec["local_baselines"] = None  # 'local_baselines:' left empty: the default, not "got None"
+    assert load_spec(write(tmp_path, spec)).local_baselines == "own_site"
     spec["local_baselines"] = "cross_site"
     path = write(tmp_path, spec)
     with pytest.raises(SpecError) as err:
