@@ -6,7 +6,9 @@
 - ``fedward dpia-annex SPEC``              write the federation's DPIA technical annex (Markdown and PDF)
 - ``fedward deploy``                       register the Prefect deployments of flows/deployments.py
 - ``fedward build-images SPEC``            the ``build-site-images`` flow (needs DOCKER_HOST)
-- ``fedward ship SPEC --csr SITE=PATH ...`` the ``ship-plan`` flow: sign, bundle, upload to S3
+- ``fedward invite-sites SPEC``            the ``invite-sites`` flow: a private upload link per site for its CSR
+- ``fedward ship SPEC [--csr SITE=PATH ...]`` the ``ship-plan`` flow: sign (the uploaded requests, or
+                                           the given files), bundle, upload to S3
 - ``fedward prepare-pneumonia``            split PneumoniaMNIST into the privacy benchmark's three hospitals
 - ``fedward privacy-sweep SPEC --noise 0,0.5,1,2``  the same federation at several noise levels (ε vs metric)
 - ``fedward audit SPEC --site NAME``       gradient-inversion audit of what that site would share, run at the site
@@ -50,12 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--base-image", help="an image already in the store to build FROM (default: one from debootstrap)")
     b.add_argument("--rootfs", help="the debootstrap root filesystem tar (default .tools/images/debian-bookworm-python.tar)")
     b.add_argument("--out", default="images.json", help="where to write the images' references and digests")
+    inv = sub.add_parser("invite-sites", help="give each site a private upload link for its certificate request (invite-sites flow)")
+    inv.add_argument("spec")
+    inv.add_argument("--bucket", default="fedward-bundles")
+    inv.add_argument("--s3-endpoint", help="S3 endpoint URL (default FEDWARD_S3_ENDPOINT, else AWS)")
+    inv.add_argument("--workdir", help="the federation's folder (default .fedward/federations/<federation>)")
     sh = sub.add_parser("ship", help="ship every site its bundle through S3 (the ship-plan flow)")
     sh.add_argument("spec")
-    sh.add_argument("--csr", action="append", required=True, metavar="SITE=PATH", help="a site's certificate request")
+    sh.add_argument("--csr", action="append", metavar="SITE=PATH",
+                    help="a site's certificate request, repeatable (omit: collect the requests the sites uploaded "
+                         "with their invite-sites links)")
     sh.add_argument("--images", help="images.json from 'fedward build-images' (omit: sites run sitekit without an image)")
     sh.add_argument("--bucket", default="fedward-bundles")
     sh.add_argument("--s3-endpoint", help="S3 endpoint URL (default FEDWARD_S3_ENDPOINT, else AWS)")
+    sh.add_argument("--workdir", help="the federation's folder (default .fedward/federations/<federation>)")
     pp = sub.add_parser("prepare-pneumonia", help="split PneumoniaMNIST into three simulated hospitals")
     pp.add_argument("--source", default=str(DEFAULT_DATA / "medmnist" / "pneumoniamnist.npz"))
     pp.add_argument("--out", default=".fedward/sites-pneumonia")
@@ -123,12 +133,26 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
         print(f"image references and digests: {args.out}")
         return 0
+    if args.cmd == "invite-sites":
+        from flows.ship_plan import invite_sites
+        from sitekit.spec import SpecError, load_spec
+
+        try:
+            load_spec(args.spec)
+        except SpecError as exc:
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
+        links = invite_sites(args.spec, bucket=args.bucket, s3_endpoint=args.s3_endpoint, workdir=args.workdir)
+        print(f"send each site its upload link privately ({len(links)} sites; links/<site>-request.txt in the federation "
+              "folder); each site runs 'sitekit keygen' and 'sitekit send-request --url LINK', then: fedward ship SPEC")
+        return 0
     if args.cmd == "ship":
         import json
 
         from flows.ship_plan import ship_plan
 
         from sitekit import governance
+        from sitekit.pki import PKIError
         from sitekit.spec import SpecError, load_spec
 
         try:  # answered in a second, without starting Prefect
@@ -136,11 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         except (SpecError, governance.GovernanceError) as exc:
             print(f"fedward: {exc}", file=sys.stderr)
             return 2
-        bad = [c for c in args.csr if "=" not in c or not all(c.split("=", 1))]
+        bad = [c for c in args.csr or [] if "=" not in c or not all(c.split("=", 1))]
         if bad:
             print(f"fedward: --csr {bad[0]!r} must be SITE=PATH, e.g. --csr hospital-a=requests/col_hospital-a.csr.", file=sys.stderr)
             return 2
-        csrs = dict(c.split("=", 1) for c in args.csr)
+        csrs = dict(c.split("=", 1) for c in args.csr) if args.csr else None  # None: the uploaded requests
         try:
             images = json.loads(Path(args.images).read_text()) if args.images else None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -148,7 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fedward: --images {args.images} cannot be read ({why}); pass the images.json 'fedward build-images' "
                   "wrote, or leave --images out.", file=sys.stderr)
             return 2
-        result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint)
+        try:
+            result = ship_plan(args.spec, csrs, images, bucket=args.bucket, s3_endpoint=args.s3_endpoint, workdir=args.workdir)
+        except PKIError as exc:  # a request missing, or naming another site
+            print(f"fedward: {exc}", file=sys.stderr)
+            return 2
         for site, s in result["sites"].items():
             print(f"{site}: fingerprint {s['fingerprint']}  ({s['object']})")
         print("send each site its link privately (links/<site>.txt in the federation folder); publish the fingerprints")

@@ -65,13 +65,16 @@ def _port(preferred: int) -> int:
 
 @task(name="write-level-spec", cache_policy=NO_CACHE)
 def level_spec(spec: FederationSpec, raw: dict, noise: float, folder: Path) -> Path:
-    """The spec at one noise level: same everything (governance records included), site paths made
-    absolute, target ε left out."""
+    """The spec at one noise level: same everything (governance records included; local-only models
+    scored at their own site only, with or without DP), site paths made absolute, target ε left out."""
     out = copy.deepcopy(raw)
     out["sites"] = [{**r, "data": str(s.data)} for r, s in zip(raw["sites"], spec.sites)]
     out["aggregator"] = {**(raw.get("aggregator") or {}), "port": _port(spec.aggregator.port)}
     if noise == 0:
         out.pop("privacy", None)
+        # the sweep is of a DP federation: its sites never agreed to share their (non-private) local-only
+        # models, so the level without DP keeps them at home as every DP level does
+        out.setdefault("local_baselines", "own_site")
     else:
         privacy = dict(raw.get("privacy") or DEFAULT_PRIVACY)
         privacy.pop("target_epsilon", None)

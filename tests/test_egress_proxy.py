@@ -178,6 +178,33 @@ def test_a_sites_upload_link_writes_only_its_own_request(federation, capsys):
         assert (federation["root"] / "federation" / "requests" / f"{site}.csr").read_bytes() == sent
 
 
+def test_the_operator_cli_invites_sites_and_ships_the_requests_they_uploaded(federation, capsys, monkeypatch):
+    """`fedward invite-sites` then `fedward ship` without --csr: what the README tells the operator to type.
+    The requests are the ones the sites uploaded in the fixture; a second federation folder gets its own CA."""
+    from flows.cli import main
+
+    s3 = federation["s3"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3["key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3["secret"])
+    spec, folder = str(federation["root"] / "fed.yaml"), federation["root"] / "federation-cli"
+    assert main(["invite-sites", spec, "--bucket", "egress", "--s3-endpoint", s3["endpoint"], "--workdir", str(folder)]) == 0
+    for site in federation["homes"]:
+        link = (folder / "links" / f"{site}-request.txt").read_text()
+        assert f"sites/{site}/heart-egress/request.csr" in link and oct((folder / "links" / f"{site}-request.txt").stat().st_mode)[-3:] == "600"
+    assert main(["ship", spec, "--bucket", "egress", "--s3-endpoint", s3["endpoint"], "--workdir", str(folder)]) == 0
+    out = capsys.readouterr().out
+    for site, home in federation["homes"].items():
+        assert f"{site}: fingerprint " in out
+        # signed from the request the site uploaded (the key it holds), not from anything the federation made
+        assert (folder / "requests" / f"{site}.csr").read_bytes() == participant_layout(home, "site", site)["csr"].read_bytes()
+    # a federation whose sites have not uploaded yet: one sentence, no traceback
+    other = federation["root"] / "fed-other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load((federation["root"] / "fed.yaml").read_text()), "name": "heart-other"}))
+    assert main(["ship", str(other), "--bucket", "egress", "--s3-endpoint", s3["endpoint"],
+                 "--workdir", str(federation["root"] / "federation-other")]) == 2
+    assert "site 'cleveland' has not uploaded its certificate request yet" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def hospital(federation):
     proxy = Proxy(federation["root"], "localhost", federation["port"])

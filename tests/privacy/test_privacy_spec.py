@@ -108,3 +108,15 @@ def test_bad_classification_task(tmp_path, task, field, words):
     with pytest.raises(SpecError) as err:
         load_spec(path)
     assert str(path) in str(err.value) and f"field '{field}'" in str(err.value) and words in str(err.value)
+
+
+def test_sweep_levels_keep_local_models_at_home_even_without_dp(tmp_path):
+    # the sweep's level without DP once fell back to cross_site and shipped every site's local model
+    from flows.privacy_sweep import level_spec
+
+    path = write(tmp_path, base(tmp_path, {"mode": "dp-sgd", "noise_multiplier": 1.0, "target_epsilon": 8}))
+    spec, raw = load_spec(path), yaml.safe_load(path.read_text())
+    plain = load_spec(level_spec(spec, raw, 0, tmp_path / "levels"))
+    noisy = load_spec(level_spec(spec, raw, 2.0, tmp_path / "levels"))
+    assert plain.privacy is None and plain.local_baselines == "own_site"
+    assert noisy.privacy.noise_multiplier == 2.0 and noisy.privacy.target_epsilon is None and noisy.local_baselines == "own_site"
