@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import shutil
 import socket
@@ -615,3 +616,18 @@ def federated_training(spec_path: str, summary_path: str | None = None, workdir:
 
 USER_ERRORS = (SpecError, DataError, PortInUse, FederationFailed, pki.PKIError, privacy_flow.PrivacyBudgetError,
                GovernanceError)
+
+
+class _OneSentenceForUserErrors(logging.Filter):
+    """Prefect logs a failed task or flow with the Python traceback. For a user error (a bad spec,
+    a site's broken data, a missing agreement ...) the message already is the one sentence that
+    says what to fix; the traceback only buries it, so it is dropped. Other exceptions keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+for _name in ("prefect.task_runs", "prefect.flow_runs"):
+    logging.getLogger(_name).addFilter(_OneSentenceForUserErrors())

@@ -151,3 +151,27 @@ def test_participant_failing_mid_round(how, ixi_pool, tmp_path, prefect_server, 
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`fedward.workspace` = '{ws}'")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
     assert not (ws / "models" / "global.pt").exists()
+
+
+def test_prefect_logs_a_user_error_without_its_traceback_and_keeps_a_bugs():
+    # once: a site's bad data printed two full Prefect tracebacks (64 lines) before fedward's one sentence
+    import logging
+    import sys as _sys
+
+    import flows.federated_training  # noqa: F401  (installs the filter)
+    from sitekit.data import DataError
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            info = _sys.exc_info()
+        return logging.LogRecord("prefect.task_runs", logging.ERROR, __file__, 1, "Task run failed with exception: %r",
+                                 (exc,), info)
+
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        user = record(DataError("site 'hospital-a': data folder /x does not exist; fix the site's 'data' path."))
+        assert logging.getLogger(name).filter(user) and user.exc_info is None
+        assert "data folder /x does not exist" in user.getMessage()
+        bug = record(KeyError("a bug"))
+        assert logging.getLogger(name).filter(bug) and bug.exc_info is not None and bug.exc_info[0] is KeyError
