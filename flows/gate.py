@@ -20,8 +20,9 @@ import textwrap
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 
+from sitekit.spec import LOCAL_BASELINES  # the spec's own list of values
+
 RULES = ("every_site", "weighted_mean")
-LOCAL_BASELINES = ("cross_site", "own_site")
 OWN = "local-only"  # the column of each site's own local-only model under own_site
 CANDIDATES = ("global", "personalised")
 # A score equal to the threshold up to rounding counts as equal. Sites may report float32 means,

@@ -211,13 +211,10 @@ def _cmd_preflight(args) -> int:
     if not home.is_dir():  # never create a mistyped site folder: the report would land where nobody looks
         raise H.SiteError(f"--home {home} " + ("is a file" if home.exists() else "does not exist")
                           + "; give this site's folder (where 'sitekit fetch' put the bundle and data.yaml).")
-    request = (Path(args.out) if args.out else home / H.REPORTS) / "allow-list-request.txt"
-    before = request.stat().st_mtime_ns if request.exists() else None
-    ready, text, out = run_preflight(home, tuple(args.skip), Path(args.out) if args.out else None, args.timeout)
+    ready, text, out, request = run_preflight(home, tuple(args.skip), Path(args.out) if args.out else None, args.timeout)
     sys.stdout.write(text)
-    written = request.exists() and request.stat().st_mtime_ns != before
     print(f"report: {out / 'report.txt'} (and report.json); "
-          + (f"allow-list request: {request}" if written else
+          + (f"allow-list request: {request}" if request else
              "no allow-list request written this time: it needs the fetched bundle (run 'sitekit fetch' first)"))
     return 0 if ready else 1
 

@@ -350,8 +350,9 @@ def render(checks: list[Check], header: list[str]) -> str:
 
 
 def run_preflight(home: Path, skip: tuple[str, ...] = (), out_dir: Path | None = None, timeout: float = 5.0,
-                  measure: bool = True) -> tuple[bool, str, Path]:
-    """Run every check; print nothing, return (ready, report text, report folder)."""
+                  measure: bool = True) -> tuple[bool, str, Path, Path | None]:
+    """Run every check; print nothing, return (ready, report text, report folder, the allow-list
+    request written, or None: it needs the fetched bundle)."""
     home = Path(home).resolve()
     out_dir = Path(out_dir) if out_dir else home / H.REPORTS
     checks: list[Check] = []
@@ -390,7 +391,9 @@ def run_preflight(home: Path, skip: tuple[str, ...] = (), out_dir: Path | None =
     H.atomic_write(out_dir / "report.txt", text)
     H.atomic_write(out_dir / "report.json", json.dumps({"ready": ready, "seconds": round(time.monotonic() - started, 2),
                                                          "checks": [asdict(c) for c in checks]}, indent=2) + "\n")
+    request = None
     if manifest and pre:
         net = next((c for c in checks if c.name == "network" and c.status != SKIP), None)
-        H.atomic_write(out_dir / "allow-list-request.txt", allow_list_request(pre, manifest, files, net))
-    return ready, text, out_dir
+        request = out_dir / "allow-list-request.txt"
+        H.atomic_write(request, allow_list_request(pre, manifest, files, net))
+    return ready, text, out_dir, request

@@ -88,9 +88,8 @@ def load_settings(home: Path) -> SiteSettings:
     try:
         raw = yamlio.load(path.read_text())
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SiteError(f"{path} is not valid YAML{where} ({getattr(exc, 'problem', None) or str(exc).splitlines()[0]}); fix it.") from None
+        where, what = yamlio.problem(exc)
+        raise SiteError(f"{path} is not valid YAML{where} ({what}); fix it.") from None
     except UnicodeDecodeError:
         raise SiteError(f"{path} is not UTF-8 text; save it as UTF-8 YAML.") from None
     if not isinstance(raw, dict):

@@ -249,9 +249,8 @@ def load_spec(path: str | Path) -> FederationSpec:
     try:
         raw = yamlio.load(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise SpecError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}.") from None
+        where, what = yamlio.problem(exc)
+        raise SpecError(f"{path}: not valid YAML{where}: {what}.") from None
     if raw is None:
         raise SpecError(f"{path}: the federation spec is empty; see federations/ixi-brain.yaml for an example.")
     return parse_spec(raw, path)

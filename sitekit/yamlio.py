@@ -39,6 +39,12 @@ StrictLoader.yaml_implicit_resolvers = {
 }
 
 
+def problem(exc: yaml.YAMLError) -> tuple[str, str]:
+    """Where and what, for an error message: (" at line 7", "key 'rounds' is given twice (...)")."""
+    mark = getattr(exc, "problem_mark", None)
+    return (f" at line {mark.line + 1}" if mark else "", getattr(exc, "problem", None) or str(exc).splitlines()[0])
+
+
 def load(text: str) -> Any:
     """Parse YAML text; raises ``yaml.YAMLError`` (with ``problem_mark``) on any problem."""
     return yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
